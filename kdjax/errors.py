@@ -1,0 +1,46 @@
+"""Exceptions with messages written for people: what was expected, what was given."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class UnknownNameError(ValueError):
+  """An unknown paper, dataset, model, method, feature or config key was asked for."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """A checkpoint (for example a teacher's) that a run needs does not exist."""
+
+
+class DatasetUnavailableError(FileNotFoundError):
+  """A dataset is not available on this machine; the message says how to get it."""
+
+
+class NonFiniteError(FloatingPointError):
+  """NaN or inf met in a batch or in training; the message names the step."""
+
+
+def unknown_name(kind: str, given: str, valid: Iterable[str]) -> UnknownNameError:
+  """Builds the error for an unknown name, listing every valid one."""
+  valid = sorted(valid)
+  return UnknownNameError(
+      f"unknown {kind} {given!r}; expected one of: {', '.join(valid) if valid else '(none)'}")
+
+
+def check_positive(name: str, value) -> None:
+  """Raises ValueError if a concrete hyperparameter is not > 0 (traced values pass through)."""
+  try:
+    concrete = float(value)
+  except Exception:  # a tracer under jit/vmap: cannot be checked without a host sync
+    return
+  if not concrete > 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_same_shape(what: str, student, teacher) -> None:
+  """Raises ValueError when a student array and a teacher array differ in shape."""
+  if tuple(student.shape) != tuple(teacher.shape):
+    raise ValueError(
+        f"{what}: student and teacher shapes must match; got student {tuple(student.shape)} "
+        f"and teacher {tuple(teacher.shape)}")

@@ -1,0 +1,12 @@
+"""kdjax model zoo. Every model is a Flax module ``model(x, *, train)`` returning logits and
+exposing named features through :mod:`kdjax.models.features`; build any of them by name with
+:func:`get`.
+"""
+
+from kdjax.models import cnn as cnn
+from kdjax.models import mlp as mlp
+from kdjax.models.features import ModelOutput, apply_model, feature_names, sow_feature
+from kdjax.models.registry import count_params, get, names, register, spec
+
+__all__ = ["ModelOutput", "apply_model", "count_params", "feature_names", "get", "names",
+           "register", "sow_feature", "spec"]

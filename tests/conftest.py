@@ -1,0 +1,31 @@
+"""Test set-up: 8 virtual CPU devices (set before JAX starts) so multi-device code is tested everywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+  """Loads ``../shared/golden/<name>.npz`` (reference values from the PyTorch code), or skips."""
+  path = GOLDEN_DIR / f"{name}.npz"
+  if not path.exists():
+    pytest.skip(f"golden reference file {path} is absent (it lives in ../shared/golden beside the repo)")
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}
+
+
+@pytest.fixture
+def golden():
+  """Fixture form of :func:`load_golden`."""
+  return load_golden

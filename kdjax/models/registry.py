@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -67,4 +68,4 @@ def count_params(model: nn.Module, input_shape: tuple[int, ...]) -> int:
   """Number of parameters of ``model`` for one input of ``input_shape`` (shape inference only)."""
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(shapes.get("params", {})))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes.get("params", {})))

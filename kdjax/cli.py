@@ -1,0 +1,127 @@
+"""The ``kdjax`` command: ``list``, ``train`` and ``reproduce``.
+
+Config overrides follow ml_collections: ``--config.loss.temperature=20`` (or ``--config.KEY VALUE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kdjax.errors import DatasetUnavailableError, MissingCheckpointError, NonFiniteError, UnknownNameError
+
+USER_ERRORS = (UnknownNameError, MissingCheckpointError, DatasetUnavailableError, NonFiniteError,
+               FileNotFoundError, ValueError)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+  """Separates ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` overrides from the other arguments."""
+  rest, overrides = [], {}
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise ValueError(f"{arg} needs a value: {arg}=VALUE")
+        value = argv[i + 1]
+        i += 1
+      overrides[key] = value
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="kdjax", description="Knowledge-distillation papers in JAX/Flax.")
+  sub = p.add_subparsers(dest="command", required=True)
+  ls = sub.add_parser("list", help="show the papers, datasets and models available")
+  ls.add_argument("what", nargs="?", choices=["papers", "datasets", "models", "all"], default="all")
+  tr = sub.add_parser("train", help="run one training stage (resumes from the workdir's checkpoints)",
+                      epilog="override any config field with --config.KEY=VALUE")
+  tr.add_argument("--config", required=True, help="papers/<key>/config.py[:variant]")
+  tr.add_argument("--workdir", required=True, help="where checkpoints, metrics and results go")
+  tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  rp = sub.add_parser("reproduce", help="run a paper's reproduction protocol over seeds",
+                      epilog="override any field of every stage with --config.KEY=VALUE")
+  rp.add_argument("paper", help="paper key (see `kdjax list papers`)")
+  rp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+  rp.add_argument("--workdir", default=None, help="default runs/<paper>")
+  rp.add_argument("--dataset", default=None, help="dataset for every stage (default: the paper config's)")
+  rp.add_argument("--full", action="store_true", help="the paper's full-scale setting (TFDS data, paper nets)")
+  rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
+def cmd_list(what: str) -> None:
+  from kdjax import config as kconfig
+  from kdjax import data, models
+  if what in ("papers", "all"):
+    print("papers (kdjax reproduce KEY):")
+    for key in kconfig.paper_keys():
+      module = kconfig.load_module(kconfig.papers_dir() / key / "config.py")
+      print(f"  {key:22s} {module.PAPER}")
+  if what in ("datasets", "all"):
+    print("datasets (--config.dataset=NAME):")
+    for name, text in data.BUILTIN_DESCRIPTIONS.items():
+      print(f"  {name:22s} {text}")
+    print(f"  {'<tfds name>':22s} any TFDS catalogue dataset you have prepared (mnist, cifar10, cifar100, ...)")
+    print(f"  {'<path>.npz':22s} your own arrays x_train, y_train, x_test, y_test")
+  if what in ("models", "all"):
+    print("models (--config.model=NAME): parameters at the default input size; features by name")
+    import jax.numpy as jnp
+    for name in models.names():
+      spec = models.spec(name)
+      model = spec.factory()
+      count = models.count_params(model, spec.input_shape)
+      feats = models.feature_names(model, jnp.zeros((1, *spec.input_shape)))
+      print(f"  {name:22s} {count:>12,d} params  input {spec.input_shape}  {spec.description}")
+      print(f"  {'':22s} features: {', '.join(feats)}")
+
+
+def cmd_train(args, overrides) -> None:
+  from kdjax.config import apply_overrides, load_config
+  from kdjax.train import train_and_evaluate
+  config = load_config(args.config)
+  apply_overrides(config, overrides)
+  result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+  print(f"{args.workdir}: test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors / "
+        f"{result['test_examples']}) after {result['steps']} steps")
+
+
+def cmd_reproduce(args, overrides) -> None:
+  from kdjax.reproduce import run_protocol
+  run_protocol(args.paper, seeds=args.seeds, workdir=args.workdir, full=args.full, dataset=args.dataset,
+               overrides=overrides, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the ``kdjax`` command; user errors print one clear line and exit 2."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    rest, overrides = split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if overrides and args.command == "list":
+      raise ValueError("--config.* overrides apply to `train` and `reproduce` only")
+    if args.command == "list":
+      cmd_list(args.what)
+    elif args.command == "train":
+      cmd_train(args, overrides)
+    else:
+      cmd_reproduce(args, overrides)
+  except USER_ERRORS as e:
+    print(f"kdjax: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

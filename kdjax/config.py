@@ -1,0 +1,164 @@
+"""Loading experiment configs: ``papers/<key>/config.py[:variant]`` plus ``--config.KEY=VALUE``.
+
+A config file defines ``get_config(variant: str | None = None) -> ml_collections.ConfigDict``
+(the big_vision/ml_collections convention). :func:`default_stage_config` holds every field the
+generic training stage reads, so papers only set what differs; configs are locked, and an
+override of an unknown key is an error that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import pathlib
+import sys
+
+import ml_collections
+
+from kdjax.errors import UnknownNameError, unknown_name
+
+PAPERS_DIR_ENV = "KDJAX_PAPERS_DIR"
+
+
+def default_stage_config() -> ml_collections.ConfigDict:
+  """Every field a training stage (:func:`kdjax.train.train_and_evaluate`) reads, with defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Data.
+  c.dataset = "mnist5k"            # built-in name, TFDS catalogue name, or path/to/arrays.npz
+  c.data_dir = ""                  # TFDS data_dir ("" = TFDS default)
+  c.labelled_examples = 0          # keep labels for this many training examples (0 = all)
+  c.include_unlabelled = True      # also train on the rest, labelled only by the teacher
+  c.split_seed = 0                 # which examples are labelled
+  c.jitter = 0                     # random input shifts of up to this many pixels
+  # Models.
+  c.model = "mlp"
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.teacher_workdir = ""           # the teacher's run; several, comma-separated = an ensemble
+  c.cache_teacher = True           # precompute teacher logits once when inputs are not augmented
+  # Method.
+  c.method = "supervised"
+  c.loss = ml_collections.ConfigDict()
+  # Optimisation.
+  c.optimizer = "adam"             # adam | sgd | rmsprop
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.lr_schedule = "constant"       # constant | cosine
+  c.batch_size = 100
+  c.num_epochs = 10
+  c.num_steps = 0                  # > 0 overrides num_epochs
+  # Bookkeeping.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.eval_batch_size = 500
+  return c
+
+
+def papers_dir() -> pathlib.Path:
+  """The ``papers/`` folder (beside the package in a source checkout, or ``$KDJAX_PAPERS_DIR``)."""
+  candidates = [os.environ.get(PAPERS_DIR_ENV, ""), pathlib.Path(__file__).resolve().parents[1] / "papers",
+                pathlib.Path.cwd() / "papers"]
+  for candidate in candidates:
+    if candidate and pathlib.Path(candidate, "soft_targets").is_dir():
+      return pathlib.Path(candidate)
+  raise FileNotFoundError("cannot find the papers/ folder of the kdjax source tree; run from a checkout "
+                          f"(pip install -e .) or set {PAPERS_DIR_ENV}")
+
+
+def paper_keys() -> list[str]:
+  """Papers with a reproduction folder (``papers/<key>/config.py``)."""
+  return sorted(p.parent.name for p in papers_dir().glob("*/config.py"))
+
+
+def load_module(path: str | os.PathLike):
+  """Imports a Python file by path."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+  name = f"kdjax_config_{path.parent.name}_{path.stem}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path/to/config.py[:variant]`` and returns its locked config."""
+  path, _, variant = spec.partition(":")
+  module = load_module(path)
+  config = module.get_config(variant) if variant else module.get_config()
+  config.lock()
+  return config
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected true/false, got {text!r}")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+  """Applies ``{"loss.temperature": "20", ...}`` (strings from the command line), type-checked."""
+  for key, text in overrides.items():
+    parent, leaf = config, key
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+      if part not in parent or not isinstance(parent[part], ml_collections.ConfigDict):
+        raise unknown_name("config key", ".".join(parts[:i + 1]), _all_keys(config))
+      parent = parent[part]
+    leaf = parts[-1]
+    if leaf not in parent:
+      raise unknown_name("config key", key, _all_keys(config))
+    current = parent[leaf]
+    try:
+      value = _parse_value(text, current)
+      with parent.unlocked() if isinstance(current, ml_collections.ConfigDict) else _nullcontext():
+        parent[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--config.{key}={text}: expected a value of type {type(current).__name__} "
+                       f"(current value {current!r}): {e}") from e
+  return config
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_all_keys(v, prefix + k + "."))
+  return keys
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises if ``config`` lacks a field of :func:`default_stage_config` (a typo in a paper config)."""
+  missing = set(default_stage_config().keys()) - set(config.keys())
+  if missing:
+    raise UnknownNameError(f"config is missing fields {sorted(missing)}; build it from "
+                           "kdjax.config.default_stage_config()")

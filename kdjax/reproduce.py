@@ -1,0 +1,136 @@
+"""``kdjax reproduce <paper>``: run a paper's protocol over seeds and set it beside the paper's numbers.
+
+A paper folder ``papers/<key>/config.py`` declares ``PROTOCOL`` (the variants to train, teacher
+first), ``PAPER`` (the citation), ``PAPER_RESULTS`` (what the paper reports, by variant) and
+``get_config(variant)``. For every seed each variant is trained by the generic stage
+(:func:`kdjax.train.train_and_evaluate`) in ``<workdir>/seed_<s>/<variant>``; students that need
+a teacher get that seed's ``teacher`` run. Finished stages are not retrained when the command is
+run again (each stage resumes from its checkpoints). The table printed and ``results.json``
+hold only what this run measured; the paper's numbers stand beside them, labelled as the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Any
+
+from kdjax import config as kconfig
+from kdjax.errors import unknown_name
+from kdjax.methods.objective import make_objective
+
+
+def load_paper(key: str):
+  """The ``papers/<key>/config.py`` module; an unknown key lists the known papers."""
+  keys = kconfig.paper_keys()
+  if key not in keys:
+    raise unknown_name("paper", key, keys)
+  return kconfig.load_module(kconfig.papers_dir() / key / "config.py")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+  return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: bool = False,
+                 dataset: str | None = None, overrides: dict[str, str] | None = None,
+                 progress: bool = True, echo=print) -> dict[str, Any]:
+  """Runs paper ``key``'s protocol; returns (and writes to ``workdir/results.json``) the results."""
+  from kdjax.train import train_and_evaluate  # heavy imports only when training
+  paper = load_paper(key)
+  if seeds < 1:
+    raise ValueError(f"--seeds must be >= 1, got {seeds}")
+  workdir = workdir or os.path.join("runs", key + ("_full" if full else ""))
+  os.makedirs(workdir, exist_ok=True)
+  runs: dict[str, dict[str, list]] = {}
+  configs: dict[str, Any] = {}
+  for seed in range(seeds):
+    for variant in paper.PROTOCOL:
+      config = paper.get_config(variant + (",full" if full else ""))
+      with config.unlocked():
+        config.seed = seed
+        config.split_seed = seed
+        if dataset:
+          config.dataset = dataset
+      kconfig.apply_overrides(config, overrides or {})
+      stage_dir = os.path.join(workdir, f"seed_{seed}", variant)
+      if make_objective(config.method, config.loss).needs_teacher and not config.teacher_workdir:
+        config.teacher_workdir = os.path.join(workdir, f"seed_{seed}", "teacher")
+      echo(f"[seed {seed}] {variant}: training in {stage_dir}")
+      result = train_and_evaluate(config, stage_dir, progress=progress)
+      echo(f"[seed {seed}] {variant}: test accuracy {result['test_accuracy']:.4f} "
+           f"({result['test_errors']} errors / {result['test_examples']})")
+      run = runs.setdefault(variant, {"test_accuracy": [], "test_errors": [], "test_examples": []})
+      run["test_accuracy"].append(result["test_accuracy"])
+      run["test_errors"].append(result["test_errors"])
+      run["test_examples"].append(result["test_examples"])
+      configs[variant] = config.to_dict()
+  for run in runs.values():
+    run.update({f"test_accuracy_{k}": v for k, v in _stats(run["test_accuracy"]).items()})
+    run.update({f"test_errors_{k}": v for k, v in _stats([float(e) for e in run["test_errors"]]).items()})
+  results = {
+      "paper": paper.PAPER, "paper_key": key,
+      "settings": {"seeds": seeds, "full": full, "dataset": dataset or configs[paper.PROTOCOL[0]]["dataset"],
+                   "workdir": workdir, "overrides": overrides or {}, "configs": configs},
+      "runs": runs,
+      "paper_results": paper.PAPER_RESULTS,
+  }
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  table = format_table(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  echo(table)
+  chart = os.path.join(workdir, "results.png")
+  plot_results(results, chart)
+  echo(f"wrote {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'results.md')} and {chart}")
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """A Markdown table: measured mean ± std per run beside the paper's reported numbers."""
+  s = results["settings"]
+  lines = [f"{results['paper']} — measured by kdjax on `{s['dataset']}` over {s['seeds']} seed(s)"
+           f"{' (full scale)' if s['full'] else ' (small scale)'}; paper's numbers are the paper's own setting.",
+           "",
+           "| run | measured test accuracy (mean ± std) | measured test errors (mean ± std) | paper (reported) |",
+           "|---|---|---|---|"]
+  for name, run in results["runs"].items():
+    paper = results["paper_results"].get(name)
+    paper_text = "—"
+    if paper:
+      parts = [f"accuracy {paper['test_accuracy']:.4f}"] if "test_accuracy" in paper else []
+      if "test_errors" in paper:
+        parts.append(f"{paper['test_errors']} errors / {paper.get('test_examples', '?')}")
+      parts += [f"{k} {v}" for k, v in paper.items() if k not in ("test_accuracy", "test_errors", "test_examples")]
+      paper_text = ", ".join(parts)
+    lines.append(f"| {name} | {run['test_accuracy_mean']:.4f} ± {run['test_accuracy_std']:.4f} | "
+                 f"{run['test_errors_mean']:.1f} ± {run['test_errors_std']:.1f} / {run['test_examples'][0]} | "
+                 f"{paper_text} |")
+  return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], path: str) -> None:
+  """A bar chart of measured test error (%) per run with seed std, the paper's error as markers."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(results["runs"])
+  means = [100 * (1 - results["runs"][n]["test_accuracy_mean"]) for n in names]
+  stds = [100 * results["runs"][n]["test_accuracy_std"] for n in names]
+  fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+  ax.bar(names, means, yerr=stds, capsize=4, color="#4C72B0", label="measured (kdjax, this run)")
+  paper = [(i, 100 * (1 - results["paper_results"][n]["test_accuracy"])) for i, n in enumerate(names)
+           if "test_accuracy" in results["paper_results"].get(n, {})]
+  if paper:
+    ax.scatter([i for i, _ in paper], [v for _, v in paper], marker="D", color="#C44E52", zorder=3,
+               label="paper (its own full-scale setting)")
+  s = results["settings"]
+  ax.set_ylabel("test error (%)")
+  ax.set_title(f"{results['paper_key']}: {s['dataset']}, {s['seeds']} seed(s)")
+  ax.legend(fontsize=8)
+  plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,132 @@
+"""The shared input pipeline: offline sets, TFDS (mock), npz, transfer sets, determinism, errors."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from kdjax import data
+from kdjax.errors import DatasetUnavailableError, NonFiniteError, UnknownNameError
+
+
+@pytest.mark.parametrize("name, shape, train, test", [
+    ("digits", (8, 8, 1), 1497, 300), ("mnist5k", (28, 28, 1), 4000, 1000), ("mnist1d", (40, 1, 1), 4000, 1000)])
+def test_builtin_offline_sets(name, shape, train, test):
+  ds = data.load(name)
+  assert (len(ds.train), len(ds.test), ds.example_shape, ds.num_classes) == (train, test, shape, 10)
+  images, labels = ds.train.get(np.arange(5))
+  assert images.dtype == np.float32 and labels.dtype == np.int32 and images.shape == (5, *shape)
+  assert set(np.unique(ds.test.labels)) == set(range(10))
+
+
+def test_mnist5k_split_is_stratified_and_values_in_unit_range():
+  ds = data.load("mnist5k")
+  assert np.all(np.bincount(ds.test.labels) == 100)
+  assert ds.train.images.min() >= 0.0 and ds.train.images.max() <= 1.0
+
+
+def test_stratified_split_exact_size_and_balance():
+  labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+  first, rest = data.stratified_split(labels, 25, seed=3)
+  assert len(first) == 25 and len(rest) == 75 and not set(first) & set(rest)
+  counts = np.bincount(labels[first])
+  assert np.all(np.abs(counts - np.array([2.5, 5, 7.5, 10])) <= 0.5)  # proportional, rounded
+  again, _ = data.stratified_split(labels, 25, seed=3)
+  np.testing.assert_array_equal(first, again)
+
+
+def test_transfer_set_labels_only_the_chosen_examples():
+  ds = data.load("digits")
+  transfer = data.make_transfer_set(ds, labelled_examples=200, include_unlabelled=True, split_seed=1)
+  assert len(transfer) == len(ds.train) and transfer.label_mask.sum() == 200
+  labelled_only = data.make_transfer_set(ds, labelled_examples=200, include_unlabelled=False, split_seed=1)
+  assert len(labelled_only) == 200 and labelled_only.label_mask.all()
+  np.testing.assert_array_equal(np.flatnonzero(transfer.label_mask), labelled_only.indices)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  ds = data.load("digits")
+  transfer = data.make_transfer_set(ds)
+  a = data.TrainBatches(transfer, batch_size=32, seed=5, jitter=1)
+  b = data.TrainBatches(transfer, batch_size=32, seed=5, jitter=1)
+  for step in (0, 7, a.steps_per_epoch + 3):
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(a.batch(step)[key], b.batch(step)[key])
+  epoch0 = np.concatenate([a.indices(s) for s in range(a.steps_per_epoch)])
+  assert len(set(epoch0.tolist())) == len(epoch0)  # no repeats within an epoch
+  assert not np.array_equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled per epoch
+  assert not np.array_equal(a.indices(0), data.TrainBatches(transfer, batch_size=32, seed=6).indices(0))
+
+
+def test_jitter_shifts_within_bound():
+  image = np.zeros((1, 9, 9, 1), np.float32)
+  image[0, 4, 4, 0] = 1.0
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(50):
+    out = data.jitter_images(image, 2, rng)
+    y, x = np.argwhere(out[0, :, :, 0] == 1.0)[0]
+    assert abs(y - 4) <= 2 and abs(x - 4) <= 2 and out.sum() == 1.0
+    seen.add((y, x))
+  assert len(seen) > 5
+
+
+def test_nan_in_a_batch_names_the_step():
+  ds = data.load("digits")
+  images = ds.train.images.copy()
+  images[17, 0, 0, 0] = np.nan
+  split = data.sources.ArraySplit(images, ds.train.labels)
+  transfer = data.TransferSet(split, np.arange(len(split)), np.ones(len(split), np.float32))
+  batches = data.TrainBatches(transfer, batch_size=len(split), seed=0)
+  with pytest.raises(NonFiniteError, match="step 3: the input batch contains NaN"):
+    batches.batch(3)
+
+
+def test_eval_batches_pad_with_zero_weight():
+  ds = data.load("digits")
+  batches = list(data.eval_batches(ds.test, batch_size=128))
+  assert [b["image"].shape[0] for b in batches] == [128, 128, 128]
+  assert sum(b["weight"].sum() for b in batches) == len(ds.test)
+
+
+def test_prefetch_reraises_errors_from_the_worker():
+  def items():
+    yield 1
+    raise NonFiniteError("step 1: bad")
+  stream = data.prefetch(items(), transfer=lambda x: x * 10)
+  assert next(stream) == 10
+  with pytest.raises(NonFiniteError, match="step 1"):
+    next(stream)
+
+
+def test_tfds_catalogue_dataset_through_data_source_mock():
+  with tfds.testing.mock_data(num_examples=24):
+    ds = data.load("mnist")
+    assert ds.num_classes == 10 and ds.example_shape == (28, 28, 1) and len(ds.train) == 24
+    images, labels = ds.train.get(np.array([0, 3]))
+    assert images.dtype == np.float32 and images.max() <= 1.0 and labels.shape == (2,)
+
+
+def test_unprepared_tfds_dataset_says_how_to_get_it(tmp_path):
+  with pytest.raises(DatasetUnavailableError, match="tfds build mnist"):
+    data.load("mnist", data_dir=str(tmp_path))
+
+
+def test_unknown_dataset_lists_builtins():
+  with pytest.raises(UnknownNameError, match="digits, mnist1d, mnist5k"):
+    data.load("no_such_dataset_xyz")
+
+
+def test_user_npz(tmp_path):
+  path = os.path.join(tmp_path, "mine.npz")
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 255, (20, 4, 4, 3), dtype=np.uint8), y_train=np.arange(20) % 3,
+           x_test=rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8), y_test=np.arange(6) % 3)
+  ds = data.load(path)
+  assert ds.num_classes == 3 and ds.example_shape == (4, 4, 3) and ds.train.images.max() <= 1.0
+  np.savez(path, x_train=np.zeros((2, 2)))
+  with pytest.raises(ValueError, match="missing"):
+    data.load(path)
+  with pytest.raises(DatasetUnavailableError, match="does not exist"):
+    data.load(os.path.join(tmp_path, "absent.npz"))

@@ -1,0 +1,240 @@
+"""The generic step and stage loop: devices, recompilation, caching, resume, checkpoints, errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax import checkpoint as ckpt
+from kdjax import models, parallel
+from kdjax.config import apply_overrides, default_stage_config
+from kdjax.data import epoch_order
+from kdjax.errors import MissingCheckpointError, NonFiniteError, UnknownNameError
+from kdjax.methods.objective import make_objective
+from kdjax.train import StopTraining, create_train_state, make_train_step, train_and_evaluate
+
+
+def tiny_config(**fields):
+  """A stage on sklearn digits that trains in a second or two."""
+  c = default_stage_config()
+  c.dataset = "digits"
+  c.model = "mlp"
+  c.model_kwargs = {"hidden": (32,)}
+  c.batch_size = 16
+  c.num_steps = 8
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 4
+  c.eval_batch_size = 160
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+def params_of(workdir):
+  variables, _, step = ckpt.load_teacher_variables(str(workdir))
+  return variables, step
+
+
+def assert_trees_equal(a, b, exact=True, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("teacher")
+  train_and_evaluate(tiny_config(model_kwargs={"hidden": (48,)}, num_steps=30), str(workdir), progress=False)
+  return str(workdir)
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  assert jax.device_count() == 8, "conftest should give 8 CPU devices"
+  # BatchNorm (cross-device statistics) and dropout (sharding-independent random bits) included.
+  config = tiny_config(model="small_cnn", model_kwargs={"channels": (4,), "dense": 16, "dropout": 0.3},
+                       num_steps=4)
+  one = train_and_evaluate(config, str(tmp_path / "one"), mesh=parallel.make_mesh(jax.devices()[:1]),
+                           progress=False)
+  eight = train_and_evaluate(config, str(tmp_path / "eight"), mesh=parallel.make_mesh(), progress=False)
+  assert_trees_equal(params_of(tmp_path / "one")[0], params_of(tmp_path / "eight")[0], exact=False)
+  assert one["test_errors"] == eight["test_errors"]
+
+
+def test_step_compiles_once_and_batch_is_sharded():
+  mesh = parallel.make_mesh()
+  model = models.get("mlp", hidden=(8,), num_classes=3)
+  tx = optax.sgd(0.1)
+  state = parallel.replicate(create_train_state(model, tx, jnp.zeros((1, 4)), seed=0), mesh)
+  step = jax.jit(make_train_step(student=model, objective=make_objective("supervised", {}), tx=tx),
+                 donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    batch = parallel.shard_batch({"image": rng.normal(size=(16, 4)).astype(np.float32),
+                                  "label": rng.integers(0, 3, 16).astype(np.int32),
+                                  "label_mask": np.ones(16, np.float32)}, mesh)
+    assert len(batch["image"].sharding.device_set) == 8
+    state, metrics = step(state, batch)
+  assert step._cache_size() == 1
+  assert int(state.step) == 4
+
+
+def test_cached_teacher_equals_live_teacher(tmp_path, teacher_dir):
+  config = tiny_config(method="soft_targets", teacher_workdir=teacher_dir, labelled_examples=300)
+  config.loss = {"temperature": 4.0, "alpha": 0.9, "ensemble_mean": "arithmetic"}
+  cached = train_and_evaluate(config, str(tmp_path / "cached"), progress=False)
+  live_config = tiny_config(method="soft_targets", teacher_workdir=teacher_dir, labelled_examples=300,
+                            cache_teacher=False)
+  live_config.loss = config.loss
+  live = train_and_evaluate(live_config, str(tmp_path / "live"), progress=False)
+  assert cached["teacher_cached"] and not live["teacher_cached"]
+  assert_trees_equal(params_of(tmp_path / "cached")[0], params_of(tmp_path / "live")[0], exact=False)
+
+
+def test_ensemble_teacher_runs(tmp_path, teacher_dir):
+  config = tiny_config(method="mimic", teacher_workdir=f"{teacher_dir},{teacher_dir}", num_steps=2)
+  result = train_and_evaluate(config, str(tmp_path / "ens"), progress=False)
+  assert result["teacher_cached"] and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_teacher_is_never_written(tmp_path, teacher_dir):
+  before = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(teacher_dir) for p in fs}
+  config = tiny_config(method="mimic", teacher_workdir=teacher_dir, num_steps=2, jitter=1)
+  train_and_evaluate(config, str(tmp_path / "s"), progress=False)
+  after = {p: os.path.getmtime(os.path.join(r, p)) for r, _, fs in os.walk(teacher_dir) for p in fs}
+  assert before == after
+  student_vars, _ = params_of(tmp_path / "s")
+  assert set(student_vars["params"]) == {"dense_0", "head"}  # only the student's own layers
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+  config = tiny_config(model_kwargs={"hidden": (32,), "dropout_hidden": 0.2}, jitter=1, num_steps=10,
+                       checkpoint_every_steps=3)
+  train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
+  with pytest.raises(StopTraining):
+    train_and_evaluate(config, str(tmp_path / "resumed"), progress=False, interrupt_after_step=7)
+  assert params_of(tmp_path / "resumed")[1] == 6  # the last checkpoint before the "crash"
+  train_and_evaluate(config, str(tmp_path / "resumed"), progress=False)
+  assert_trees_equal(params_of(tmp_path / "straight")[0], params_of(tmp_path / "resumed")[0], exact=True)
+
+
+CONFIG_FILE = textwrap.dedent("""
+    from kdjax.config import default_stage_config
+    def get_config():
+      c = default_stage_config()
+      c.dataset = "digits"; c.model = "mlp"; c.model_kwargs = {"hidden": (64,), "dropout_hidden": 0.2}
+      c.batch_size = 16; c.num_steps = 400; c.checkpoint_every_steps = 5; c.log_every_steps = 5
+      c.jitter = 1; c.eval_batch_size = 160; c.keep_checkpoints = 3
+      return c
+""")
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+  config_path = tmp_path / "config.py"
+  config_path.write_text(CONFIG_FILE)
+  command = [sys.executable, "-m", "kdjax.cli", "train", "--config", str(config_path), "--no-progress"]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen(command + ["--workdir", str(killed_dir)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  ckpt_dir = killed_dir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    steps = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
+    if len(steps) >= 2:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run(command + ["--workdir", str(killed_dir)], env=env, check=True, capture_output=True)
+  subprocess.run(command + ["--workdir", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+  killed, step = params_of(killed_dir)
+  straight, _ = params_of(tmp_path / "straight")
+  assert step == 400
+  assert_trees_equal(straight, killed, exact=True)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
+  config = tiny_config(num_steps=8, checkpoint_every_steps=4)
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir), progress=False)
+  # Damage every file of the newest checkpoint (as a bad disk would); step 4 must survive.
+  for root, _, files in os.walk(workdir / "checkpoints" / "8"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  state = create_train_state(models.get("mlp", hidden=(32,), num_classes=10), optax.adam(1e-3),
+                             jnp.zeros((1, 8, 8, 1)), seed=0)
+  restored = ckpt.Checkpointer(str(workdir)).restore_latest(jax.tree.map(np.asarray, state.as_dict()))
+  assert int(restored["step"]) == 4
+  # Re-running the stage resumes from step 4 and finishes; the result equals an undamaged run.
+  train_and_evaluate(config, str(workdir), progress=False)
+  train_and_evaluate(config, str(tmp_path / "clean"), progress=False)
+  assert_trees_equal(params_of(workdir)[0], params_of(tmp_path / "clean")[0], exact=True)
+
+
+def test_nan_in_batch_stops_with_step_and_keeps_checkpoint(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.random((64, 4, 4, 1)).astype(np.float32)
+  x[epoch_order(0, 0, 64)[16 * 3 + 1], 2, 2, 0] = np.nan  # in the batch of step 3
+  np.savez(tmp_path / "nan.npz", x_train=x, y_train=np.arange(64) % 4, x_test=x[:8] * 0, y_test=np.arange(8) % 4)
+  config = tiny_config(dataset=str(tmp_path / "nan.npz"), num_steps=8, checkpoint_every_steps=1)
+  with pytest.raises(NonFiniteError, match=r"step 3: the input batch contains NaN"):
+    train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert params_of(tmp_path / "run")[1] == 3  # steps 0-2 done and saved
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  # A finite but huge input overflows the logits: the loss of the step that meets it is inf.
+  rng = np.random.default_rng(0)
+  x = rng.random((64, 4, 4, 1)).astype(np.float32)
+  order = epoch_order(0, 0, 64)
+  x[order[16 * 2 + 5]] = 3e38  # in the batch of step 2
+  np.savez(tmp_path / "huge.npz", x_train=x, y_train=np.arange(64) % 4, x_test=x[:8] * 0, y_test=np.arange(8) % 4)
+  config = tiny_config(dataset=str(tmp_path / "huge.npz"), num_steps=8, checkpoint_every_steps=1,
+                       log_every_steps=1)
+  with pytest.raises(NonFiniteError, match=r"step 2: the loss or its gradients became NaN/inf"):
+    train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  variables, step = params_of(tmp_path / "run")
+  assert step == 2  # the state after steps 0 and 1; the failed update never reached a checkpoint
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(variables))
+
+
+def test_missing_teacher_checkpoint_is_explained(tmp_path):
+  config = tiny_config(method="mimic", teacher_workdir=str(tmp_path / "nowhere"))
+  with pytest.raises(MissingCheckpointError, match="no teacher checkpoint in .*nowhere"):
+    train_and_evaluate(config, str(tmp_path / "s"), progress=False)
+  config = tiny_config(method="mimic")
+  with pytest.raises(ValueError, match="needs a teacher"):
+    train_and_evaluate(config, str(tmp_path / "s2"), progress=False)
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path):
+  with pytest.raises(UnknownNameError, match="expected one of: mimic, soft_targets, supervised"):
+    train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "a"), progress=False)
+  with pytest.raises(UnknownNameError, match="unknown model 'nope'"):
+    train_and_evaluate(tiny_config(model="nope"), str(tmp_path / "b"), progress=False)
+  with pytest.raises(UnknownNameError, match="loss field for method 'soft_targets'.*temperature"):
+    make_objective("soft_targets", {"temprature": 3.0})
+  config = tiny_config()
+  config.lock()
+  with pytest.raises(UnknownNameError, match="unknown config key 'lerning_rate'.*learning_rate"):
+    apply_overrides(config, {"lerning_rate": "0.1"})
+  with pytest.raises(ValueError, match="batch_size 12 must be divisible by the number of devices"):
+    train_and_evaluate(tiny_config(batch_size=12), str(tmp_path / "c"), progress=False)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  train_and_evaluate(tiny_config(num_steps=2), str(tmp_path / "run"), progress=False)
+  with pytest.raises(ValueError, match=r"different config \(fields \['learning_rate'\]"):
+    train_and_evaluate(tiny_config(num_steps=2, learning_rate=0.5), str(tmp_path / "run"), progress=False)

@@ -1,0 +1,257 @@
+"""FitNets: hints for thin deep nets (Romero et al., ICLR 2015, arXiv 1412.6550).
+
+Two training stages (PAPERS.md §3):
+
+* Stage 1 (hints, Eq. 3): the student up to its *guided* layer, followed by a learned regressor
+  (:class:`ConvRegressor`, built by :func:`make_regressor`), is trained to reproduce the teacher's *hint*
+  layer with :func:`hint_loss`.
+* Stage 2 (KD, Eq. 2): the whole student is trained with :func:`kd_loss_no_t2`, a cross-entropy on the
+  labels plus ``λ`` times the cross-entropy to the teacher's temperature-softened outputs, **without** the
+  ``τ²`` factor of Hinton et al.; ``λ`` is annealed linearly from 4 to 1 (:func:`annealed_weight`).
+
+The losses are pure functions of arrays; they work under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. They
+do **not** apply ``jax.lax.stop_gradient`` to the teacher's inputs: the train step does that (DESIGN.md),
+so the same functions serve when a caller wants gradients on both sides. Features are NHWC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.errors import check_positive, check_same_shape, unknown_name
+
+_REDUCTIONS = ("mean", "paper")
+_ACTIVATIONS = ("relu", "maxout", "none")
+_REGRESSOR_MODES = ("paper", "same")
+
+
+def hint_loss(
+    student_feat: jax.Array,
+    teacher_feat: jax.Array,
+    *,
+    reduction: str = "mean",
+    names: tuple[str, str] | None = None,
+) -> jax.Array:
+  """Per-example FitNets hint loss between a regressed guided layer and a hint layer.
+
+  Args:
+    student_feat: ``r(v_g(x))``, the student's guided-layer output *after* the regressor,
+      ``[batch, ...]`` (``[batch, H, W, C]`` for conv hints).
+    teacher_feat: ``u_h(x)``, the teacher's hint-layer output, same shape.
+    reduction: ``'mean'`` (default) — mean over every non-batch element of the squared difference,
+      ``mean_{h,w,c} (r - u)²``; ``'paper'`` — the paper's ``½ Σ_{h,w,c} (r - u)²`` (Eq. 3).
+    names: optional ``(guided_layer_name, hint_layer_name)`` used in the shape-mismatch error.
+
+  Returns:
+    ``[batch]`` per-example losses. With ``reduction='mean'`` their batch mean is RepDistiller's
+    ``HintLoss`` (``nn.MSELoss()``, a mean over all N·C·H·W elements).
+
+  Paper vs public code:
+    * The paper (Eq. 3) and its code (``FitNets/costs/HintCost.py``) use ``½ ‖u_h - r(v_g)‖²``: a sum over
+      an example's features with factor ½, then a mean over the batch (``reduction='paper'``).
+    * RepDistiller (``distiller_zoo/FitNet.py``) and mdistiller use ``nn.MSELoss()``: a mean over *all*
+      elements, no ½ (``reduction='mean'``), with hint weight β = 100. kdjax defaults to this form because
+      it is what later work, the golden references and most reproductions use, and its scale does not
+      depend on the feature size; ``'paper'`` is ``C·H·W/2`` times larger.
+    * The FitNets code switches to a cross-entropy form for sigmoid/tanh hint layers (and, through an
+      indentation bug, returns nothing there); kdjax always uses the squared error.
+  """
+  if reduction not in _REDUCTIONS:
+    raise unknown_name("hint_loss reduction", reduction, _REDUCTIONS)
+  what = "hint_loss"
+  if names is not None:
+    what = f"hint_loss(guided layer {names[0]!r}, hint layer {names[1]!r})"
+  try:
+    check_same_shape(what, student_feat, teacher_feat)
+  except ValueError as err:
+    # The usual cause is a missing or mis-sized regressor; say how to fix it.
+    raise ValueError(
+        f"{err}; map the guided layer onto the hint's shape with a regressor "
+        "(kdjax.methods.fitnets.make_regressor)") from None
+  sq = jnp.square(student_feat - teacher_feat)
+  axes = tuple(range(1, sq.ndim))
+  if reduction == "mean":
+    return jnp.mean(sq, axis=axes)
+  return 0.5 * jnp.sum(sq, axis=axes)
+
+
+class ConvRegressor(nn.Module):
+  """The FitNets regressor ``r``: maps the student's guided layer onto the teacher's hint layer.
+
+  ``[batch, H_g, W_g, C_g] -> [batch, H_h, W_h, features]``. A convolution, optional BatchNorm, then
+  the activation:
+
+  * ``'relu'``: ``max(0, ·)``.
+  * ``'maxout'``: the convolution has ``features · maxout_pieces`` output channels; each output channel
+    is the max over its ``maxout_pieces`` consecutive channels (the paper's teachers are maxout nets and
+    the regressor must use the hint layer's nonlinearity, §3.1 / PAPERS §3a).
+  * ``'none'``: linear (for a pre-activation hint).
+
+  Build it with :func:`make_regressor`, which picks the kernel from the two shapes. Parameters use Flax's
+  default initialisers (the paper draws every weight from U(-0.005, 0.005)).
+  """
+  features: int
+  kernel_size: tuple[int, int] = (1, 1)
+  padding: str = "VALID"
+  activation: str = "relu"
+  maxout_pieces: int = 2
+  use_batchnorm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.activation not in _ACTIVATIONS:
+      raise unknown_name("regressor activation", self.activation, _ACTIVATIONS)
+    if x.ndim != 4:
+      raise ValueError(f"ConvRegressor expects an NHWC guided feature [batch, H, W, C]; got shape {x.shape}")
+    pieces = self.maxout_pieces if self.activation == "maxout" else 1
+    if pieces < 1:
+      raise ValueError(f"maxout_pieces must be >= 1, got {self.maxout_pieces}")
+    y = nn.Conv(self.features * pieces, tuple(self.kernel_size), padding=self.padding,
+                use_bias=not self.use_batchnorm, name="conv")(x)
+    if self.use_batchnorm:
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(y)
+    if self.activation == "relu":
+      y = nn.relu(y)
+    elif self.activation == "maxout":
+      # Consecutive channels form one unit's pieces, as in pylearn2's maxout layers.
+      y = y.reshape(*y.shape[:-1], self.features, pieces).max(axis=-1)
+    return y
+
+
+def make_regressor(
+    guided_shape: Sequence[int],
+    hint_shape: Sequence[int],
+    *,
+    mode: str = "paper",
+    activation: str = "relu",
+    maxout_pieces: int = 2,
+    kernel_size: int = 1,
+    names: tuple[str, str] | None = None,
+) -> ConvRegressor:
+  """Builds the regressor that maps a guided feature of ``guided_shape`` to ``hint_shape``.
+
+  Args:
+    guided_shape: the student's guided-layer shape, NHWC ``[batch, H, W, C]`` or ``[H, W, C]``.
+    hint_shape: the teacher's hint-layer shape, same layout.
+    mode: ``'paper'`` (default) — the paper's convolutional regressor: a VALID convolution with kernel
+      ``k_i = N_{g,i} - N_{h,i} + 1`` per spatial dimension, so its output has the hint's spatial size,
+      followed by ``activation`` and no BatchNorm (§3.1, "convolutional regressor"); it needs the guided
+      map to be at least as large as the hint (the FitNets code raises ``NotImplementedError`` when zero
+      padding would be needed). ``'same'`` — the later codes' regressor (RepDistiller ``ConvReg``,
+      AT's F-ActT adaptation): a ``kernel_size`` × ``kernel_size`` SAME convolution (1 or 3), BatchNorm
+      and ``activation``; the spatial sizes must already match.
+    activation: ``'relu'``, ``'maxout'`` (``maxout_pieces`` pieces) or ``'none'``; use the hint layer's
+      own nonlinearity (a ReLU net's post-ReLU hint: ``'relu'``; the paper's maxout teachers: ``'maxout'``).
+    maxout_pieces: pieces per maxout unit (the paper's conv layers use 2).
+    kernel_size: the ``'same'`` mode kernel (1 or 3).
+    names: optional ``(guided_layer_name, hint_layer_name)`` for error messages.
+
+  RepDistiller's ``ConvReg`` also handles a guided map exactly twice (stride-2 conv) or half (transposed
+  conv) the hint's size; kdjax covers a larger guided map with the paper's VALID kernel instead and does
+  not up-sample.
+  """
+  if mode not in _REGRESSOR_MODES:
+    raise unknown_name("regressor mode", mode, _REGRESSOR_MODES)
+  if activation not in _ACTIVATIONS:
+    raise unknown_name("regressor activation", activation, _ACTIVATIONS)
+  guided, hint = tuple(guided_shape), tuple(hint_shape)
+  if len(guided) not in (3, 4) or len(hint) not in (3, 4):
+    raise ValueError(
+        f"make_regressor expects NHWC shapes [batch, H, W, C] or [H, W, C]; got guided {guided} "
+        f"and hint {hint}")
+  (hg, wg, _), (hh, wh, ch) = guided[-3:], hint[-3:]
+  label = ""
+  if names is not None:
+    label = f" (guided layer {names[0]!r}, hint layer {names[1]!r})"
+  if mode == "paper":
+    kh, kw = hg - hh + 1, wg - wh + 1
+    if kh < 1 or kw < 1:
+      raise ValueError(
+          f"make_regressor{label}: the paper's VALID-conv regressor needs a guided map at least as large "
+          f"as the hint; got guided {guided} and hint {hint} (spatial {(hg, wg)} < {(hh, wh)}); pick a "
+          "shallower guided layer or a deeper hint layer")
+    return ConvRegressor(features=ch, kernel_size=(kh, kw), padding="VALID", activation=activation,
+                         maxout_pieces=maxout_pieces, use_batchnorm=False)
+  if (hg, wg) != (hh, wh):
+    raise ValueError(
+        f"make_regressor{label}: mode 'same' keeps the spatial size, so guided and hint maps must have "
+        f"equal H, W; got guided {guided} and hint {hint} (use mode='paper' for a larger guided map)")
+  if kernel_size not in (1, 3):
+    raise ValueError(f"make_regressor: kernel_size must be 1 or 3 in mode 'same', got {kernel_size}")
+  return ConvRegressor(features=ch, kernel_size=(kernel_size, kernel_size), padding="SAME",
+                       activation=activation, maxout_pieces=maxout_pieces, use_batchnorm=True)
+
+
+def kd_loss_no_t2(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float = 3.0,
+    soft_weight: float | jax.Array,
+    hard_weight: float = 1.0,
+) -> jax.Array:
+  """Per-example FitNets stage-2 KD loss (Eq. 2): ``CE(y, P_S) + λ · H(P_T^τ, P_S^τ)``, no ``τ²``.
+
+  Args:
+    student_logits: ``a_S``, ``[batch, classes]``.
+    teacher_logits: ``a_T``, ``[batch, classes]``. For an ensemble of teachers, average the logits
+      (geometric mean of probabilities) before calling, as the paper allows.
+    labels: integer class indices ``[batch]``, or target probabilities ``[batch, classes]``.
+    temperature: ``τ`` (> 0); the paper uses 3.
+    soft_weight: ``λ`` (>= 0), a float or a traced scalar such as :func:`annealed_weight` of the step.
+    hard_weight: weight of the label term (the paper: 1; the FitNets code's ``λ_target``).
+
+  Returns:
+    ``[batch]``: ``hard_weight · (-Σ_k y_k log softmax(a_S)_k)
+    + λ · (-Σ_k softmax(a_T/τ)_k log softmax(a_S/τ)_k)``.
+
+  Paper vs code: the paper and its code (``FitNets/costs/KDCost.py``, which divides the softmax layer's
+  weights by τ, the same as ``a/τ``) both use the soft *cross-entropy* with no ``τ²``; kdjax follows them.
+  Hinton et al.'s ``τ²·KL`` (``kdjax.methods.soft_targets``) differs by the factor ``τ²`` (9 at τ = 3, a
+  different balance against the label term) and, in value only, by the teacher's entropy (KL = H - H(P_T)).
+  """
+  check_positive("temperature", temperature)
+  try:
+    if float(soft_weight) < 0:
+      raise ValueError(f"soft_weight must be >= 0, got {soft_weight!r}")
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    pass  # traced (an annealed weight under jit): cannot be checked without a host sync
+  check_same_shape("kd_loss_no_t2 logits", student_logits, teacher_logits)
+  if student_logits.ndim != 2:
+    raise ValueError(f"kd_loss_no_t2 expects logits [batch, classes]; got shape {student_logits.shape}")
+  log_p_s = jax.nn.log_softmax(student_logits, axis=-1)
+  labels = jnp.asarray(labels)
+  if labels.ndim == 1:
+    if labels.shape[0] != student_logits.shape[0]:
+      raise ValueError(f"kd_loss_no_t2: labels {labels.shape} do not match logits {student_logits.shape}")
+    hard = -jnp.take_along_axis(log_p_s, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  else:
+    check_same_shape("kd_loss_no_t2 labels (as probabilities) vs logits", labels, student_logits)
+    hard = -jnp.sum(labels * log_p_s, axis=-1)
+  p_t = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+  log_p_s_tau = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  soft = -jnp.sum(p_t * log_p_s_tau, axis=-1)
+  return hard_weight * hard + soft_weight * soft
+
+
+def annealed_weight(
+    step: int | jax.Array,
+    *,
+    start: float = 4.0,
+    end: float = 1.0,
+    decay_steps: int | float,
+) -> jax.Array:
+  """FitNets' soft-target weight ``λ``: linear from ``start`` at step 0 to ``end`` at ``decay_steps``, then flat.
+
+  The paper initialises λ to 4 and decays it linearly to 1 over 500 epochs on CIFAR (150 epochs on MNIST);
+  count ``step`` and ``decay_steps`` in the same unit (epochs or steps). jit-safe: ``step`` may be traced.
+  Code differences: the CIFAR yaml starts at 5 and saturates at epoch 400; the MNIST yaml decays to 0.
+  """
+  check_positive("decay_steps", decay_steps)
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / decay_steps, 0.0, 1.0)
+  return start + (end - start) * frac

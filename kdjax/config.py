@@ -36,6 +36,9 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict()
   c.teacher_workdir = ""           # the teacher's run; several, comma-separated = an ensemble
+  c.init_from = ""                 # start the student from this run's layers (two-stage methods)
+  c.init_layers = ()               # which top-level student layers to copy (empty = all)
+  c.trainable = ()                 # train only these top-level student layers (empty = all)
   c.cache_teacher = True           # precompute teacher logits once when inputs are not augmented
   # Method.
   c.method = "supervised"

@@ -55,16 +55,19 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: student BatchNorm statistics (``{}`` if none).
     opt_state: optimizer state.
     rng: a raw ``uint32[2]`` PRNG key; step ``s`` uses ``fold_in(rng, s)``.
+    aux_params: the method's own trainable parameters (the FitNets regressor), ``{}`` if none;
+      optimised together with ``params`` (the optimizer state covers ``(params, aux_params)``).
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  aux_params: Any = flax.struct.field(default_factory=dict)
 
   def as_dict(self) -> dict[str, Any]:
     return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state, "rng": self.rng}
+            "opt_state": self.opt_state, "rng": self.rng, "aux_params": self.aux_params}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
@@ -72,13 +75,30 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_input: jax.Array,
-                       seed: int) -> TrainState:
-  """Initialises the student from ``seed`` (parameters and the step RNG derive from it)."""
-  init_key, step_key = jax.random.split(jax.random.PRNGKey(seed))
+                       seed: int, *, objective: Objective | None = None, teacher_models: Sequence[nn.Module] = (),
+                       teacher_variables: Sequence[Any] = (), init_variables: Mapping[str, Any] | None = None
+                       ) -> TrainState:
+  """Initialises the student from ``seed`` (parameters and the step RNG derive from it).
+
+  ``objective.init_aux`` (if any) initialises the method's own parameters from the student's and
+  the teacher's outputs on ``example_input``. ``init_variables`` (``{"params", "batch_stats"}``
+  subtrees by top-level layer name) replace the fresh layers of the same names (two-stage methods).
+  """
+  init_key, step_key, aux_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   variables = model.init({"params": init_key, "dropout": init_key}, example_input, train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=step_key)
+  params, batch_stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
+  if init_variables:
+    params.update(init_variables.get("params", {}))
+    batch_stats.update(init_variables.get("batch_stats", {}))
+  aux_params = {}
+  if objective is not None and objective.init_aux is not None:
+    student_out = models.apply_model(model, _variables(params, batch_stats), example_input,
+                                     features=objective.student_features)
+    teacher_out = teacher_forward(teacher_models, teacher_variables, example_input,
+                                  features=objective.teacher_features) if teacher_models else None
+    aux_params = objective.init_aux(aux_key, student_out, teacher_out)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init((params, aux_params)), rng=step_key, aux_params=aux_params)
 
 
 def _variables(params, batch_stats) -> dict[str, Any]:
@@ -136,20 +156,26 @@ def make_train_step(*, student: nn.Module, objective: Objective, tx: optax.Gradi
       teacher = teacher_forward(teacher_models, teacher_variables, batch["image"],
                                 features=objective.teacher_features)
 
-    def loss_fn(params):
+    def loss_fn(trainable):
+      params, aux_params = trainable
       out = models.apply_model(student, _variables(params, state.batch_stats), batch["image"], train=True,
                                rngs={"dropout": rng}, features=objective.student_features)
-      per_example, extras = objective.fn(out, teacher, batch, state.step)
+      if objective.init_aux is None:
+        per_example, extras = objective.fn(out, teacher, batch, state.step)
+      else:
+        per_example, extras = objective.fn(out, teacher, batch, state.step, aux=aux_params)
       return jnp.mean(per_example), (out, per_example, extras)
 
-    (loss, (out, per_example, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable = (state.params, state.aux_params)
+    (loss, (out, per_example, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params, aux_params = optax.apply_updates(trainable, updates)
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               batch_stats=keep(out.batch_stats, state.batch_stats),
-                              opt_state=keep(opt_state, state.opt_state))
+                              opt_state=keep(opt_state, state.opt_state),
+                              aux_params=keep(aux_params, state.aux_params))
     correct = (jnp.argmax(out.logits, -1) == batch["label"]).astype(jnp.float32)
     metrics = {"loss": _mean_metric(per_example),
                "train_accuracy": _mean_metric(correct, batch["label_mask"]),
@@ -201,7 +227,26 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   tx = makers[config.optimizer]()
   if config.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  if config.trainable:
+    tx = freeze_all_but(tx, tuple(config.trainable))
   return tx
+
+
+def freeze_all_but(tx: optax.GradientTransformation, trainable: tuple[str, ...]) -> optax.GradientTransformation:
+  """Applies ``tx`` to the named top-level student layers (and the method's own parameters) only.
+
+  The optimizer sees ``(student_params, aux_params)``; every other student layer gets a zero update
+  (FitNets stage 1 trains the layers up to the guided one, §3.1).
+  """
+  def labels(tree):
+    params, aux = tree
+    unknown = set(trainable) - set(params)
+    if unknown:
+      raise UnknownNameError(f"unknown trainable layer(s) {sorted(unknown)}; the student's top-level layers "
+                             f"are: {', '.join(sorted(params))}")
+    return ({k: jax.tree.map(lambda _: "train" if k in trainable else "freeze", v) for k, v in params.items()},
+            jax.tree.map(lambda _: "train", aux))
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
 def build_model(name: str, model_kwargs: Mapping[str, Any], num_classes: int) -> nn.Module:
@@ -217,6 +262,22 @@ def load_teachers(teacher_workdir: str) -> tuple[list[nn.Module], list[Any]]:
     teacher_models.append(build_model(tconfig["model"], tconfig.get("model_kwargs", {}), tconfig["num_classes"]))
     teacher_variables.append(variables)
   return teacher_models, teacher_variables
+
+
+def load_layers(workdir: str, layers: tuple[str, ...]) -> dict[str, Any]:
+  """The named top-level layers (params and BatchNorm statistics) of a finished run, read-only.
+
+  Empty ``layers`` = every layer. An unknown name lists the layers the run has.
+  """
+  variables, _, _ = ckpt.load_teacher_variables(workdir)
+  available = set(variables["params"]) | set(variables.get("batch_stats", {}))
+  layers = layers or tuple(sorted(available))
+  unknown = set(layers) - available
+  if unknown:
+    raise UnknownNameError(f"init_layers {sorted(unknown)} are not in the run {workdir!r}; its layers are: "
+                           f"{', '.join(sorted(available))}")
+  return {kind: {k: v for k, v in variables.get(kind, {}).items() if k in layers}
+          for kind in ("params", "batch_stats")}
 
 
 class _PositionSplit:
@@ -302,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     also written to ``workdir/results.json``.
   """
   check_keys(config)
+  objective = make_objective(config.method, config.loss)  # bad method/loss fields fail first
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -310,7 +372,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   transfer_set = kdata.make_transfer_set(dataset, labelled_examples=config.labelled_examples,
                                          include_unlabelled=config.include_unlabelled,
                                          split_seed=config.split_seed)
-  objective = make_objective(config.method, config.loss)
   student = build_model(config.model, config.model_kwargs, dataset.num_classes)
   teacher_models, teacher_variables = ([], [])
   if objective.needs_teacher:
@@ -341,7 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
 
   tx = make_optimizer(config, num_steps)
   example = jnp.zeros((1, *dataset.example_shape), jnp.float32)
-  state = create_train_state(student, tx, example, config.seed)
+  init_variables = load_layers(config.init_from, tuple(config.init_layers)) if config.init_from else None
+  state = create_train_state(student, tx, example, config.seed, objective=objective,
+                             teacher_models=teacher_models, teacher_variables=teacher_variables,
+                             init_variables=init_variables)
   checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
   restored = checkpointer.restore_latest(jax.tree.map(np.asarray, state.as_dict()))
   if restored is not None:
@@ -381,6 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
       if interrupt_after_step is not None and done == interrupt_after_step:
         checkpointer.wait()
         raise StopTraining(f"interrupted after step {done}")
+    if start_step == num_steps and checkpointer.manager.latest_step() != num_steps:
+      checkpointer.save(num_steps, state.as_dict())  # a 0-step stage still leaves its starting point
     checkpointer.wait()
     result = evaluate(student, state, dataset.test, mesh, batch_size=config.eval_batch_size)
   finally:

@@ -250,3 +250,44 @@ def flip_invariance_loss(loss_fn: LossFn, params: Any, x: jax.Array, *, axis: in
   j = input_gradient(loss_fn, params, x)
   j_flip = jnp.flip(input_gradient(loss_fn, params, jnp.flip(x, axis=axis)), axis=axis)
   return gradient_attention_distance(j, j_flip)
+
+
+# --- the training objective (kdjax train / reproduce) -------------------------------------------------
+
+
+def default_loss_config() -> dict:
+  """``config.loss`` fields of the ``attention_transfer`` method (the authors' CIFAR defaults)."""
+  return {"student_layers": ("stage1", "stage2", "stage3"), "teacher_layers": ("stage1", "stage2", "stage3"),
+          "beta": 1000.0, "p": 2.0, "mode": "code", "alpha": 0.0, "temperature": 4.0}
+
+
+def make_objective(*, student_layers, teacher_layers, beta: float, p: float, mode: str, alpha: float,
+                   temperature: float):
+  """Task loss plus activation attention transfer on the named layer pairs.
+
+  Per example: ``task + w · Σ_j attention_loss(s_j, t_j)`` with ``w = β`` in ``'code'`` mode (the
+  authors' ``beta * sum(at_losses)``, β = 10³) or ``β/2`` in ``'paper'`` mode (Eq. 2). The task term is
+  cross-entropy on labelled examples (``alpha = 0``, "AT") or Hinton's ``α·T²·KL + (1−α)·CE``
+  (``alpha > 0``, "AT+KD"; the authors use α = 0.9, T = 4).
+  """
+  from kdjax.methods.objective import Objective
+  from kdjax.methods.soft_targets import distillation_loss, hard_label_loss
+  student_layers, teacher_layers = tuple(student_layers), tuple(teacher_layers)
+  if len(student_layers) != len(teacher_layers) or not student_layers:
+    raise ValueError(f"attention_transfer needs as many student_layers as teacher_layers (>= 1); got "
+                     f"{student_layers} and {teacher_layers}")
+  if mode not in _MODES:
+    raise unknown_name("attention_transfer mode", mode, _MODES)
+  weight = beta if mode == "code" else beta / 2
+
+  def fn(student, teacher, batch, step):
+    del step
+    at = attention_loss_pairs([student.features[n] for n in student_layers],
+                              [teacher.features[n] for n in teacher_layers], p=p, mode=mode)
+    if alpha > 0:
+      task = distillation_loss(student.logits, teacher.logits, batch["label"], temperature=temperature,
+                               alpha=alpha, label_mask=batch["label_mask"])
+    else:
+      task = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
+    return task + weight * at, {"attention": at}
+  return Objective(fn, needs_teacher=True, student_features=student_layers, teacher_features=teacher_layers)

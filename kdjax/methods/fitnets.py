@@ -255,3 +255,102 @@ def annealed_weight(
   check_positive("decay_steps", decay_steps)
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / decay_steps, 0.0, 1.0)
   return start + (end - start) * frac
+
+
+# --- the training objectives of the two stages (kdjax train / reproduce) -------------------------------
+
+
+def hint_loss_config() -> dict:
+  """``config.loss`` fields of stage 1 (``fitnets_hint``)."""
+  return {"guided_layer": "stage2", "hint_layer": "stage2", "regressor": "paper",
+          "regressor_activation": "relu", "kernel_size": 1, "reduction": "paper"}
+
+
+def _regressor_for(student_feat, teacher_feat, *, guided_layer, hint_layer, regressor, regressor_activation,
+                   kernel_size) -> ConvRegressor:
+  reg = make_regressor(student_feat.shape, teacher_feat.shape, mode=regressor, activation=regressor_activation,
+                       kernel_size=kernel_size, names=(f"student:{guided_layer}", f"teacher:{hint_layer}"))
+  # BatchNorm in the regressor would need its own running statistics; kdjax's regressors are
+  # BN-free (the paper's has none; RepDistiller's ConvReg has one — a documented difference).
+  return reg.clone(use_batchnorm=False)
+
+
+def make_hint_objective(*, guided_layer: str, hint_layer: str, regressor: str, regressor_activation: str,
+                        kernel_size: int, reduction: str):
+  """Stage 1 (Eq. 3): train the student up to ``guided_layer`` plus the regressor on the hint loss.
+
+  The regressor's parameters are the stage's auxiliary parameters (``TrainState.aux_params``) and are
+  discarded afterwards. Restrict the trainable student layers with ``config.trainable`` (the layers
+  up to the guided one); stage 2 copies them with ``config.init_from``/``config.init_layers``.
+  """
+  from kdjax.methods.objective import Objective
+  reg_kwargs = dict(guided_layer=guided_layer, hint_layer=hint_layer, regressor=regressor,
+                    regressor_activation=regressor_activation, kernel_size=kernel_size)
+
+  def init_aux(rng, student, teacher):
+    guided, hint = student.features[guided_layer], teacher.features[hint_layer]
+    return _regressor_for(guided, hint, **reg_kwargs).init(rng, jnp.zeros(guided.shape, guided.dtype))["params"]
+
+  def fn(student, teacher, batch, step, *, aux):
+    del batch, step
+    guided, hint = student.features[guided_layer], teacher.features[hint_layer]
+    mapped = _regressor_for(guided, hint, **reg_kwargs).apply({"params": aux}, guided)
+    loss = hint_loss(mapped, hint, reduction=reduction,
+                     names=(f"student:{guided_layer} (regressed)", f"teacher:{hint_layer}"))
+    return loss, {"hint": loss}
+  return Objective(fn, needs_teacher=True, student_features=(guided_layer,), teacher_features=(hint_layer,),
+                   init_aux=init_aux)
+
+
+def kd_loss_config() -> dict:
+  """``config.loss`` fields of stage 2 (``fitnets_kd``): τ = 3, λ annealed 4 → 1 (§4.1)."""
+  return {"temperature": 3.0, "lambda_start": 4.0, "lambda_end": 1.0, "lambda_decay_steps": 1000}
+
+
+def make_kd_objective(*, temperature: float, lambda_start: float, lambda_end: float, lambda_decay_steps: int):
+  """Stage 2 (Eq. 2): the whole student on ``CE + λ(step)·H(P_T^τ, P_S^τ)``, no τ², no hint term.
+
+  The label term is dropped for unlabelled transfer-set examples (``batch["label_mask"]``).
+  """
+  from kdjax.methods.objective import Objective
+  from kdjax.methods.soft_targets import hard_label_loss
+  check_positive("lambda_decay_steps", lambda_decay_steps)
+
+  def fn(student, teacher, batch, step):
+    lam = annealed_weight(step, start=lambda_start, end=lambda_end, decay_steps=lambda_decay_steps)
+    soft = kd_loss_no_t2(student.logits, teacher.logits, batch["label"], temperature=temperature,
+                         soft_weight=lam, hard_weight=0.0)
+    hard = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
+    return hard + soft, {"lambda": jnp.broadcast_to(lam, hard.shape)}
+  return Objective(fn, needs_teacher=True)
+
+
+def one_stage_loss_config() -> dict:
+  """``config.loss`` fields of RepDistiller's one-stage FitNet: CE (+KD) + β·MSE hint all along."""
+  return {"guided_layer": "stage2", "hint_layer": "stage2", "regressor": "same", "regressor_activation": "none",
+          "kernel_size": 3, "beta": 100.0, "alpha": 0.0, "temperature": 4.0}
+
+
+def make_one_stage_objective(*, guided_layer: str, hint_layer: str, regressor: str, regressor_activation: str,
+                             kernel_size: int, beta: float, alpha: float, temperature: float):
+  """The one-stage variant used by RepDistiller/CRD tables (not the paper's recipe).
+
+  Per example ``task + β · hint_loss(r(guided), hint, reduction='mean')`` through all of training,
+  with ``task`` = CE (``alpha = 0``) or Hinton KD; β = 100 as in RepDistiller's scripts.
+  """
+  from kdjax.methods.objective import Objective
+  from kdjax.methods.soft_targets import distillation_loss, hard_label_loss
+  hint_objective = make_hint_objective(guided_layer=guided_layer, hint_layer=hint_layer, regressor=regressor,
+                                       regressor_activation=regressor_activation, kernel_size=kernel_size,
+                                       reduction="mean")
+
+  def fn(student, teacher, batch, step, *, aux):
+    hint, _ = hint_objective.fn(student, teacher, batch, step, aux=aux)
+    if alpha > 0:
+      task = distillation_loss(student.logits, teacher.logits, batch["label"], temperature=temperature,
+                               alpha=alpha, label_mask=batch["label_mask"])
+    else:
+      task = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
+    return task + beta * hint, {"hint": hint}
+  return Objective(fn, needs_teacher=True, student_features=(guided_layer,), teacher_features=(hint_layer,),
+                   init_aux=hint_objective.init_aux)

@@ -154,3 +154,36 @@ def fsp_loss(
     d = fsp_distance(g_s, g_t, mode=mode)
     total = total + (d if weights is None else weights[i] * d)
   return total
+
+
+# --- the training objective of stage 1 (kdjax train / reproduce) ---------------------------------------
+
+
+def default_loss_config() -> dict:
+  """``config.loss`` fields of the ``fsp`` (stage-1) method: the paper's form by default."""
+  return {"student_layers": ("stem", "stage1", "stage2", "stage3"),
+          "teacher_layers": ("stem", "stage1", "stage2", "stage3"), "mode": "paper", "weights": ()}
+
+
+def make_objective(*, student_layers, teacher_layers, mode: str, weights):
+  """Stage 1 of the paper (Algorithm 1): the FSP loss alone, no task loss.
+
+  ``student_layers[i]``/``teacher_layers[i]`` are the maps whose consecutive pairs give the FSP
+  matrices (e.g. each section's input and output). Stage 2 is plain training from the stage-1
+  weights: method ``supervised`` with ``init_from`` = the stage-1 run (no FSP term, §4.2).
+  ``mode='paper'`` (default here: faithful to the paper's stage) sums squares over matrix entries
+  and max-pools; ``'code'`` is RepDistiller's mean and average pooling.
+  """
+  from kdjax.methods.objective import Objective
+  student_layers, teacher_layers = tuple(student_layers), tuple(teacher_layers)
+  if len(student_layers) != len(teacher_layers) or len(student_layers) < 2:
+    raise ValueError(f"fsp needs the same number (>= 2) of student_layers and teacher_layers; got "
+                     f"{student_layers} and {teacher_layers}")
+  weights = tuple(weights) or None
+
+  def fn(student, teacher, batch, step):
+    del batch, step
+    loss = fsp_loss([student.features[n] for n in student_layers], [teacher.features[n] for n in teacher_layers],
+                    mode=mode, weights=weights)
+    return loss, {"fsp": loss}
+  return Objective(fn, needs_teacher=True, student_features=student_layers, teacher_features=teacher_layers)

@@ -54,7 +54,7 @@ def get_config(arg: str = "student_kd_T4") -> ml_collections.ConfigDict:
   c = default_stage_config()
   c.dataset = "mnist" if full else "mnist5k"
   c.labelled_examples = 0 if full else 1000
-  c.batch_size = 100
+  c.batch_size = 128                  # divisible by any power-of-two device count up to 128
   c.learning_rate = 1e-3
   c.checkpoint_every_steps = 1000
   if variant == "teacher":

@@ -5,8 +5,12 @@ exposing named features through :mod:`kdjax.models.features`; build any of them 
 
 from kdjax.models import cifar as cifar
 from kdjax.models import cnn as cnn
+from kdjax.models import inception as inception
+from kdjax.models import ion as ion
 from kdjax.models import maxout as maxout
 from kdjax.models import mlp as mlp
+from kdjax.models import mobile as mobile
+from kdjax.models import server as server
 from kdjax.models.features import ModelOutput, apply_model, feature_names, sow_feature
 from kdjax.models.registry import count_params, get, names, register, spec
 

@@ -13,6 +13,7 @@ BatchNorm statistics. Feature maps are NHWC.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -97,8 +98,15 @@ def apply_model(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
 
 def feature_names(model: nn.Module, example_input: jax.Array, **kwargs) -> list[str]:
   """Lists the feature names ``model`` exposes, found by shape inference (no FLOPs)."""
-  def names(x):
+  return describe(model, example_input.shape[1:], **kwargs)[1]
+
+
+def describe(model: nn.Module, input_shape: tuple[int, ...], **kwargs) -> tuple[int, list[str]]:
+  """``(parameter count, feature names)`` of ``model`` for one input of ``input_shape``, by one
+  shape-only trace (no FLOPs, no memory for weights)."""
+  def trace(x):
     variables = model.init(jax.random.key(0), x, train=False, **kwargs)
     _, updates = model.apply(variables, x, train=False, mutable=[INTERMEDIATES], **kwargs)
-    return flatten_features(updates.get(INTERMEDIATES, {}))
-  return list(jax.eval_shape(names, example_input).keys())
+    return variables.get("params", {}), flatten_features(updates.get(INTERMEDIATES, {}))
+  params, features = jax.eval_shape(trace, jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)), list(features)

@@ -73,12 +73,10 @@ def cmd_list(what: str) -> None:
     print(f"  {'<path>.npz':22s} your own arrays x_train, y_train, x_test, y_test")
   if what in ("models", "all"):
     print("models (--config.model=NAME): parameters at the default input size; features by name")
-    import jax.numpy as jnp
+    from kdjax.models.features import describe
     for name in models.names():
       spec = models.spec(name)
-      model = spec.factory()
-      count = models.count_params(model, spec.input_shape)
-      feats = models.feature_names(model, jnp.zeros((1, *spec.input_shape)))
+      count, feats = describe(spec.factory(), spec.input_shape)
       print(f"  {name:22s} {count:>12,d} params  input {spec.input_shape}  {spec.description}")
       print(f"  {'':22s} features: {', '.join(feats)}")
 

@@ -38,7 +38,6 @@ import optax
 import pytest
 
 from kdjax import models
-from kdjax.methods.soft_targets import soft_target_loss
 from kdjax.models import ion as ion_lib
 from kdjax.models import zoo_layers
 
@@ -342,34 +341,26 @@ def test_training_step(name):
 
 
 def test_distillation_step_resnet50_to_mobilenetv2():
-  """A teacher->student KD step: ResNet-50 teacher (eval mode, frozen) -> MobileNetV2 student,
-  64x64 inputs, 10 classes, batch 2, loss = soft_target_loss(T=4).mean()."""
+  """The library's KD step (kdjax.train.make_train_step, method soft_targets, T=4, alpha=0.9) with a
+  ResNet-50 teacher (eval mode, frozen) and a MobileNetV2 student, 64x64 inputs, 10 classes, batch 2."""
+  from kdjax.methods.objective import make_objective
+  from kdjax.train import TrainState, make_train_step
   teacher = models.get("resnet50", num_classes=10)
   student = models.get("mobilenet_v2", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
   t_vars = _synthetic_variables(teacher, x, seed=1)
   s_vars = _synthetic_variables(student, x, seed=2)
   tx = optax.sgd(0.1)
-
-  def step(s_params, s_stats, opt_state, t_vars, x, key):
-    teacher_logits = jax.lax.stop_gradient(models.apply_model(teacher, t_vars, x).logits)
-
-    def loss_fn(p):
-      out = models.apply_model(student, {"params": p, "batch_stats": s_stats}, x, train=True,
-                               rngs={"dropout": key})
-      return soft_target_loss(out.logits, teacher_logits, temperature=4.0).mean(), out
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(s_params)
-    updates, opt_state = tx.update(grads, opt_state, s_params)
-    return optax.apply_updates(s_params, updates), out.batch_stats, loss, teacher_logits, grads
-
-  args = (s_vars["params"], s_vars["batch_stats"], tx.init(s_vars["params"]), t_vars, x,
-          jax.random.key(3))
-  new_params, new_stats, loss, teacher_logits, grads = _compile(step, *args)(*args)
-  assert teacher_logits.shape == (2, 10)
-  assert np.isfinite(loss) and loss > 0
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert np.any(new_params["classifier"]["kernel"] != s_vars["params"]["classifier"]["kernel"])
-  assert not np.allclose(new_stats["conv_stem"]["bn"]["mean"],
+  objective = make_objective("soft_targets", {"temperature": 4.0, "alpha": 0.9})
+  step = make_train_step(student=student, objective=objective, tx=tx, teacher_models=(teacher,))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=s_vars["params"], batch_stats=s_vars["batch_stats"],
+                     opt_state=tx.init((s_vars["params"], {})), rng=jax.random.PRNGKey(3), aux_params={})
+  batch = {"image": x, "label": jnp.array([1, 7], jnp.int32), "label_mask": jnp.ones(2)}
+  args = (state, batch, (t_vars,))
+  new_state, metrics = _compile(step, *args)(*args)
+  assert float(metrics["nonfinite"][0]) == 0.0 and float(metrics["loss"][0]) > 0
+  assert np.any(new_state.params["classifier"]["kernel"] != s_vars["params"]["classifier"]["kernel"])
+  assert not np.allclose(new_state.batch_stats["conv_stem"]["bn"]["mean"],
                          s_vars["batch_stats"]["conv_stem"]["bn"]["mean"])
 
 

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 

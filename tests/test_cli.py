@@ -74,3 +74,25 @@ def test_zero_temperature_is_rejected_before_training(tmp_path, capsys):
           "--config.loss.temperature=0", f"--config.teacher_workdir={tmp_path}/none", "--config.dataset=digits"]
   assert main(argv) == 2
   assert "temperature must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_full_switch_uses_the_tfds_dataset(tmp_path, capsys):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=256):
+    assert main(["reproduce", "soft_targets", "--full", "--seeds", "1", "--workdir", str(tmp_path), "--no-progress",
+                 "--config.num_steps=1", "--config.eval_batch_size=256"]) == 0
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["settings"]["full"] and results["settings"]["dataset"] == "mnist"
+  assert results["settings"]["configs"]["teacher"]["labelled_examples"] == 0  # all labels, as the paper
+  assert results["runs"]["teacher"]["test_examples"] == [256]
+
+
+def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path):
+  pytest.importorskip("tensorboardX", reason="tensorboardX is an optional extra: pip install -e '.[tensorboard]'")
+  argv = ["train", "--config", "papers/mimic/config.py:teacher", "--workdir", str(tmp_path), "--no-progress",
+          "--config.dataset=digits", "--config.num_steps=2", "--config.batch_size=16", "--config.log_every_steps=1",
+          "--config.eval_batch_size=160"]
+  assert main(argv) == 0
+  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1, 2]

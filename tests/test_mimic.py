@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_golden
 from jax.test_util import check_grads
 
-from conftest import load_golden
 from kdjax.methods import mimic
 
 

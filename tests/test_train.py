@@ -220,7 +220,8 @@ def test_missing_teacher_checkpoint_is_explained(tmp_path):
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path):
-  with pytest.raises(UnknownNameError, match="expected one of: attention_transfer, fitnets_hint, fitnets_kd, fitnets_one_stage, fsp, mimic, soft_targets, supervised"):
+  with pytest.raises(UnknownNameError, match="unknown method 'nope'; expected one of: attention_transfer, "
+                     "fitnets_hint, fitnets_kd, fitnets_one_stage, fsp, mimic, soft_targets, supervised"):
     train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "a"), progress=False)
   with pytest.raises(UnknownNameError, match="unknown model 'nope'"):
     train_and_evaluate(tiny_config(model="nope"), str(tmp_path / "b"), progress=False)

@@ -31,7 +31,10 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.labelled_examples = 0          # keep labels for this many training examples (0 = all)
   c.include_unlabelled = True      # also train on the rest, labelled only by the teacher
   c.split_seed = 0                 # which examples are labelled
-  c.jitter = 0                     # random input shifts of up to this many pixels
+  c.jitter = 0                     # random input shifts of up to this many pixels (= pad-and-crop)
+  c.hflip = False                  # random horizontal flips
+  c.image_mean = ()                # per-channel standardisation (empty = none)
+  c.image_std = ()
   # Models.
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict()

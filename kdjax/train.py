@@ -368,6 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   os.makedirs(workdir, exist_ok=True)
 
   dataset = kdata.load(config.dataset, data_dir=config.data_dir or None)
+  if config.image_mean:
+    dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
   transfer_set = kdata.make_transfer_set(dataset, labelled_examples=config.labelled_examples,
                                          include_unlabelled=config.include_unlabelled,
                                          split_seed=config.split_seed)
@@ -390,14 +392,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                      "use a new --workdir or the same config to resume")
   ckpt.write_config(workdir, saved_config)
 
-  cached = bool(objective.needs_teacher and config.cache_teacher and config.jitter == 0
+  augmented = bool(config.jitter or config.hflip)
+  cached = bool(objective.needs_teacher and config.cache_teacher and not augmented
                 and not objective.teacher_features)
   teacher_logits = None
   if cached:
     teacher_logits = precompute_teacher_logits(teacher_models, teacher_variables, transfer_set, mesh,
                                                batch_size=config.eval_batch_size)
-  elif objective.needs_teacher and config.cache_teacher and config.jitter:
-    log.info("teacher runs live: inputs are jittered, so cached teacher outputs would not match them")
+  elif objective.needs_teacher and config.cache_teacher and augmented:
+    log.info("teacher runs live: inputs are augmented, so cached teacher outputs would not match them")
 
   tx = make_optimizer(config, num_steps)
   example = jnp.zeros((1, *dataset.example_shape), jnp.float32)
@@ -418,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                                     cached_teacher=cached), donate_argnums=(0,))
   teacher_args = () if cached else parallel.replicate(tuple(teacher_variables), mesh)
   batches = kdata.TrainBatches(transfer_set, batch_size=config.batch_size, seed=config.seed, jitter=config.jitter,
-                               teacher_logits=teacher_logits,
+                               hflip=config.hflip, teacher_logits=teacher_logits,
                                host_slice=parallel.process_slice(config.batch_size))
   writer = MetricWriter(workdir, total_steps=num_steps, initial_step=start_step, progress=progress,
                         description=os.path.basename(os.path.normpath(workdir)))

@@ -130,3 +130,18 @@ def test_user_npz(tmp_path):
     data.load(path)
   with pytest.raises(DatasetUnavailableError, match="does not exist"):
     data.load(os.path.join(tmp_path, "absent.npz"))
+
+
+def test_hflip_and_standardize():
+  ds = data.load("digits")
+  transfer = data.make_transfer_set(ds)
+  plain = data.TrainBatches(transfer, batch_size=64, seed=0).batch(0)["image"]
+  flipped = data.TrainBatches(transfer, batch_size=64, seed=0, hflip=True).batch(0)["image"]
+  is_flipped = np.array([np.array_equal(f, p[:, ::-1]) and not np.array_equal(f, p) for f, p in zip(flipped, plain)])
+  unchanged = np.array([np.array_equal(f, p) for f, p in zip(flipped, plain)])
+  assert np.all(is_flipped | unchanged) and 10 < is_flipped.sum() < 54
+  standardized = data.standardize(ds, [0.5], [0.25])
+  images, _ = standardized.test.get(np.arange(3))
+  np.testing.assert_allclose(images, (ds.test.images[:3] - 0.5) / 0.25, rtol=1e-6)
+  with pytest.raises(ValueError, match="one value per channel"):
+    data.standardize(ds, [0.5, 0.5, 0.5], [1, 1, 1])

@@ -67,7 +67,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def jitter_images(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
   """Shifts each NHWC image by up to ``max_shift`` pixels in each direction (zero fill).
 
-  Hinton et al. (2015) train the MNIST teacher "with input jitter of up to 2 pixels".
+  Hinton et al. (2015) train the MNIST teacher "with input jitter of up to 2 pixels"; with
+  ``max_shift=4`` this is the CIFAR recipes' zero-padded random crop (``RandomCrop(32, padding=4)``).
   """
   if max_shift <= 0:
     return images
@@ -90,12 +91,12 @@ class TrainBatches:
   """
 
   def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, jitter: int = 0,
-               teacher_logits: np.ndarray | None = None, host_slice: slice | None = None):
+               hflip: bool = False, teacher_logits: np.ndarray | None = None, host_slice: slice | None = None):
     if batch_size <= 0 or batch_size > len(transfer_set):
       raise ValueError(f"batch_size must be in [1, {len(transfer_set)}] (the transfer set size); "
                        f"got {batch_size}")
     self.transfer_set = transfer_set
-    self.batch_size, self.seed, self.jitter = batch_size, seed, jitter
+    self.batch_size, self.seed, self.jitter, self.hflip = batch_size, seed, jitter, hflip
     self.teacher_logits = teacher_logits
     self.host_slice = host_slice or slice(None)
     self.steps_per_epoch = len(transfer_set) // batch_size
@@ -110,8 +111,12 @@ class TrainBatches:
     """The (this process's part of the) batch of ``step``; raises on NaN/inf inputs."""
     positions = self.indices(step)[self.host_slice]
     images, labels = self.transfer_set.split.get(self.transfer_set.indices[positions])
-    if self.jitter:
-      images = jitter_images(images, self.jitter, np.random.default_rng([self.seed, 1, step]))
+    if self.jitter or self.hflip:
+      rng = np.random.default_rng([self.seed, 1, step])
+      images = jitter_images(images, self.jitter, rng)
+      if self.hflip:  # each image flipped left-right with probability 1/2 (CIFAR recipes)
+        flip = rng.random(len(images)) < 0.5
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
     if not np.isfinite(images).all():
       bad = positions[~np.isfinite(images.reshape(len(images), -1)).all(axis=1)]
       raise NonFiniteError(f"step {step}: the input batch contains NaN or inf (transfer-set positions "

@@ -90,6 +90,39 @@ class Dataset:
     return self.train.example_shape
 
 
+class StandardizedSplit:
+  """A split whose images are standardised per channel: ``(x - mean) / std``."""
+
+  def __init__(self, split, mean, std):
+    self.split = split
+    self.mean = np.asarray(mean, np.float32)
+    self.std = np.asarray(std, np.float32)
+    if self.mean.shape != self.std.shape or self.mean.shape[-1:] != split.example_shape[-1:]:
+      raise ValueError(f"image_mean and image_std need one value per channel ({split.example_shape[-1]}); "
+                       f"got {self.mean.tolist()} and {self.std.tolist()}")
+
+  def __len__(self) -> int:
+    return len(self.split)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return self.split.example_shape
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.split.labels
+
+  def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = self.split.get(indices)
+    return (images - self.mean) / self.std, labels
+
+
+def standardize(dataset: Dataset, mean, std) -> Dataset:
+  """``dataset`` with both splits standardised per channel (e.g. CIFAR's channel means and stds)."""
+  return Dataset(dataset.name, StandardizedSplit(dataset.train, mean, std), StandardizedSplit(dataset.test, mean, std),
+                 dataset.num_classes)
+
+
 def stratified_split(labels: np.ndarray, num_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Indices of a stratified split of ``labels`` into ``num_first`` and the rest (both sorted)."""
   labels = np.asarray(labels)

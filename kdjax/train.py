@@ -299,19 +299,19 @@ def precompute_teacher_logits(teacher_models: Sequence[nn.Module], teacher_varia
 
   @jax.jit
   def forward(variables, images):
-    return jnp.stack([models.apply_model(m, v, images, train=False).logits
-                      for m, v in zip(teacher_models, variables)])
+    return jnp.stack([models.apply_model(m, v, images, train=False).logits  # [batch, members, classes]
+                      for m, v in zip(teacher_models, variables)], axis=1)
 
   variables = parallel.replicate(tuple(teacher_variables), mesh)
   chunks = []
   for batch in kdata.eval_batches(_PositionSplit(transfer_set), batch_size=batch_size,
                                   host_slice=parallel.process_slice(batch_size)):
-    sharded = parallel.shard_batch({"image": batch["image"], "weight": batch["weight"]}, mesh)
-    logits = forward(variables, sharded["image"])
-    chunks.append((np.asarray(multihost_utils.process_allgather(logits, tiled=True))
-                   if jax.process_count() > 1 else np.asarray(logits), batch["weight"]))
-  logits = np.concatenate([c for c, _ in chunks], axis=1)
-  return logits[:, :len(transfer_set)]
+    logits = forward(variables, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
+    if jax.process_count() > 1:
+      logits = multihost_utils.process_allgather(logits, tiled=True)  # the batch axis from every host
+    chunks.append(np.asarray(logits))
+  logits = np.concatenate(chunks, axis=0)[:len(transfer_set)]  # drop the last batch's padding
+  return logits.swapaxes(0, 1)
 
 
 def _round_up(n: int, multiple: int) -> int:

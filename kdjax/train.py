@@ -395,11 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   augmented = bool(config.jitter or config.hflip)
   cached = bool(objective.needs_teacher and config.cache_teacher and not augmented
                 and not objective.teacher_features)
-  teacher_logits = None
-  if cached:
-    teacher_logits = precompute_teacher_logits(teacher_models, teacher_variables, transfer_set, mesh,
-                                               batch_size=config.eval_batch_size)
-  elif objective.needs_teacher and config.cache_teacher and augmented:
+  if objective.needs_teacher and config.cache_teacher and augmented:
     log.info("teacher runs live: inputs are augmented, so cached teacher outputs would not match them")
 
   tx = make_optimizer(config, num_steps)
@@ -415,6 +411,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     log.info("resumed %s at step %d", workdir, int(state.step))
   state = parallel.replicate(state, mesh)
   start_step = int(jax.device_get(state.step))
+  teacher_logits = None
+  if cached and start_step < num_steps:  # once per run; a finished run only re-evaluates
+    teacher_logits = precompute_teacher_logits(teacher_models, teacher_variables, transfer_set, mesh,
+                                               batch_size=config.eval_batch_size)
 
   step_fn = jax.jit(make_train_step(student=student, objective=objective, tx=tx,
                                     teacher_models=() if cached else tuple(teacher_models),

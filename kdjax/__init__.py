@@ -14,8 +14,9 @@ def _xla_cpu_defaults() -> None:
 
   On jaxlib 0.10 (the only version it is set for) XLA:CPU hands convolutions, dots and the
   elementwise/reduction ops around them to YNNPACK as large fused subgraphs; for the CIFAR ResNet
-  train steps that is 1.2-1.7x slower than XLA's own (Eigen) convolutions and loop fusions. Only effective if set before JAX starts its CPU
-  backend; an ``XLA_FLAGS`` that already names the option, or ``KDJAX_XLA_CPU_DEFAULTS=0``, is kept.
+  train steps that is 1.2-1.7x slower than XLA's own (Eigen) convolutions and loop fusions. Only
+  effective if set before JAX starts its CPU backend; an ``XLA_FLAGS`` that already names the option,
+  or ``KDJAX_XLA_CPU_DEFAULTS=0``, is kept.
   """
   if _os.environ.get("KDJAX_XLA_CPU_DEFAULTS", "1") == "0":
     return

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.errors import check_positive, unknown_name
+from kdjax.methods.pooling import pool_to
 
 _MODES = ("code", "paper")
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps, kept to match the references
@@ -42,23 +43,6 @@ def _safe_norm(x: jax.Array, axis) -> jax.Array:
   sq = jnp.sum(jnp.square(x), axis=axis)
   positive = sq > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-
-
-def _avg_pool_to(feat: jax.Array, size: tuple[int, int], what: str) -> jax.Array:
-  """Average-pools ``[B, H, W, C]`` to ``[B, h, w, C]`` where ``h | H`` and ``w | W``.
-
-  For integer ratios this is exactly ``adaptive_avg_pool2d`` (non-overlapping windows of the ratio);
-  other ratios give overlapping, uneven windows, which kdjax refuses rather than imitate.
-  """
-  b, hh, ww, c = feat.shape
-  h, w = size
-  if hh % h or ww % w:
-    raise ValueError(
-        f"{what}: can only average-pool a spatial map by an integer ratio; got {(hh, ww)} -> {(h, w)} "
-        "(pick layers whose spatial sizes divide each other)")
-  if (hh, ww) == (h, w):
-    return feat
-  return feat.reshape(b, h, hh // h, w, ww // w, c).mean(axis=(2, 4))
 
 
 def attention_map(feat: jax.Array, *, p: float = 2) -> jax.Array:
@@ -146,8 +130,8 @@ def attention_loss(
         f"and teacher {teacher_feat.shape}")
   size = (min(student_feat.shape[1], teacher_feat.shape[1]), min(student_feat.shape[2], teacher_feat.shape[2]))
   what = f"attention_loss(student {student_feat.shape}, teacher {teacher_feat.shape})"
-  a_s = attention_map(_avg_pool_to(student_feat, size, what), p=p)
-  a_t = attention_map(_avg_pool_to(teacher_feat, size, what), p=p)
+  a_s = attention_map(pool_to(student_feat, size, what=what), p=p)
+  a_t = attention_map(pool_to(teacher_feat, size, what=what), p=p)
   if mode == "code":
     return jnp.mean(jnp.square(a_s - a_t), axis=-1)
   return _safe_norm(a_s - a_t, axis=-1)

@@ -19,26 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.errors import unknown_name
+from kdjax.methods.pooling import pool_to
 
 _MODES = ("code", "paper")
 _POOLS = ("avg", "max")
-
-
-def _pool_to(feat: jax.Array, size: tuple[int, int], kind: str, what: str) -> jax.Array:
-  """Pools ``[B, H, W, C]`` to ``[B, h, w, C]`` with non-overlapping windows (``h | H``, ``w | W``).
-
-  Average pooling by an integer ratio is exactly ``adaptive_avg_pool2d``; non-integer ratios are refused.
-  """
-  b, hh, ww, c = feat.shape
-  h, w = size
-  if hh % h or ww % w:
-    raise ValueError(
-        f"{what}: can only pool a spatial map by an integer ratio; got {(hh, ww)} -> {(h, w)} "
-        "(pick layers whose spatial sizes divide each other)")
-  if (hh, ww) == (h, w):
-    return feat
-  windows = feat.reshape(b, h, hh // h, w, ww // w, c)
-  return windows.mean(axis=(2, 4)) if kind == "avg" else windows.max(axis=(2, 4))
 
 
 def fsp_matrix(bottom: jax.Array, top: jax.Array, *, pool: str = "avg") -> jax.Array:
@@ -67,8 +51,8 @@ def fsp_matrix(bottom: jax.Array, top: jax.Array, *, pool: str = "avg") -> jax.A
         f"{bottom.shape} and top {top.shape}")
   size = (min(bottom.shape[1], top.shape[1]), min(bottom.shape[2], top.shape[2]))
   what = f"fsp_matrix(bottom {bottom.shape}, top {top.shape})"
-  bottom = _pool_to(bottom, size, pool, what)
-  top = _pool_to(top, size, pool, what)
+  bottom = pool_to(bottom, size, kind=pool, what=what)
+  top = pool_to(top, size, kind=pool, what=what)
   # HIGHEST: GPUs/TPUs otherwise run float32 contractions in TF32/bfloat16, far from the references.
   gram = jnp.einsum("nhwa,nhwb->nab", top, bottom, precision=jax.lax.Precision.HIGHEST)
   return gram / (size[0] * size[1])

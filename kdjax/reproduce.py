@@ -4,9 +4,13 @@ A paper folder ``papers/<key>/config.py`` declares ``PROTOCOL`` (the variants to
 first), ``PAPER`` (the citation), ``PAPER_RESULTS`` (what the paper reports, by variant) and
 ``get_config(variant)``. For every seed each variant is trained by the generic stage
 (:func:`kdjax.train.train_and_evaluate`) in ``<workdir>/seed_<s>/<variant>``; students that need
-a teacher get that seed's ``teacher`` run. Finished stages are not retrained when the command is
-run again (each stage resumes from its checkpoints). The table printed and ``results.json``
-hold only what this run measured; the paper's numbers stand beside them, labelled as the paper's.
+a teacher get that seed's ``teacher`` run. A config may name another variant's run of the same seed
+with ``"@<variant>"`` in ``init_from`` or ``teacher_workdir`` (e.g. ``c.init_from =
+"@student_fitnet_stage1"`` for the second stage of a two-stage method): it is resolved to
+``<workdir>/seed_<s>/<variant>``, and that variant must come earlier in ``PROTOCOL`` (checked before
+anything is trained). Finished stages are not retrained when the command is run again (each stage
+resumes from its checkpoints). The table printed and ``results.json`` hold only what this run
+measured; the paper's numbers stand beside them, labelled as the paper's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ def load_paper(key: str):
   return kconfig.load_module(kconfig.papers_dir() / key / "config.py")
 
 
+def resolve_run_references(config, *, seed_dir: str, variant: str, done: tuple[str, ...]) -> None:
+  """Replaces ``"@<variant>"`` in ``config.init_from``/``config.teacher_workdir`` by that run's folder.
+
+  ``done`` are the variants already trained in ``seed_dir`` (earlier in the protocol); a reference to
+  any other name is an error that lists them. Comma-separated teacher lists may mix both forms.
+  """
+  for field in ("init_from", "teacher_workdir"):
+    value = config[field]
+    if "@" not in value:
+      continue
+    parts = []
+    for part in value.split(","):
+      if part.startswith("@"):
+        name = part[1:]
+        if name not in done:
+          raise unknown_name(f"run referenced by {variant}'s {field} (a variant trained earlier in the "
+                             "protocol)", name, done)
+        part = os.path.join(seed_dir, name)
+      parts.append(part)
+    with config.unlocked():
+      config[field] = ",".join(parts)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
   return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -43,10 +70,14 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
   workdir = workdir or os.path.join("runs", key + ("_full" if full else ""))
   os.makedirs(workdir, exist_ok=True)
+  for index, variant in enumerate(paper.PROTOCOL):  # a bad "@<variant>" fails before any training
+    resolve_run_references(paper.get_config(variant + (",full" if full else "")), seed_dir=workdir,
+                           variant=variant, done=tuple(paper.PROTOCOL[:index]))
   runs: dict[str, dict[str, list]] = {}
   configs: dict[str, Any] = {}
   for seed in range(seeds):
-    for variant in paper.PROTOCOL:
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    for index, variant in enumerate(paper.PROTOCOL):
       config = paper.get_config(variant + (",full" if full else ""))
       with config.unlocked():
         config.seed = seed
@@ -54,9 +85,10 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
         if dataset:
           config.dataset = dataset
       kconfig.apply_overrides(config, overrides or {})
-      stage_dir = os.path.join(workdir, f"seed_{seed}", variant)
+      stage_dir = os.path.join(seed_dir, variant)
+      resolve_run_references(config, seed_dir=seed_dir, variant=variant, done=tuple(paper.PROTOCOL[:index]))
       if make_objective(config.method, config.loss).needs_teacher and not config.teacher_workdir:
-        config.teacher_workdir = os.path.join(workdir, f"seed_{seed}", "teacher")
+        config.teacher_workdir = os.path.join(seed_dir, "teacher")
       echo(f"[seed {seed}] {variant}: training in {stage_dir}")
       result = train_and_evaluate(config, stage_dir, progress=progress)
       echo(f"[seed {seed}] {variant}: test accuracy {result['test_accuracy']:.4f} "

@@ -1,0 +1,91 @@
+"""``kdjax reproduce`` with two-stage methods: ``"@<variant>"`` names the same seed's earlier run."""
+
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint as ckpt
+from kdjax import reproduce
+from kdjax.config import default_stage_config
+from kdjax.errors import UnknownNameError
+
+WIDTHS = (4, 4, 8, 8)
+GUIDED = ("conv1", "bn1", "layer1_0", "layer2_0")
+
+
+def fake_paper(stage2_init="@stage1", stage2_steps=0):
+  """A three-variant protocol on digits: teacher, FitNets-style hint stage, stage 2 from it."""
+  def get_config(variant):
+    c = default_stage_config()
+    c.dataset = "digits"
+    c.model = "resnet8"
+    c.model_kwargs = {"widths": WIDTHS}
+    c.batch_size = 16
+    c.eval_batch_size = 160
+    c.num_steps = 2
+    if variant == "stage1":
+      c.method = "fitnets_hint"
+      c.trainable = GUIDED
+    elif variant == "student_two_stage":
+      c.init_from = stage2_init
+      c.init_layers = GUIDED
+      c.num_steps, c.num_epochs = stage2_steps, 0
+    return c
+  return types.SimpleNamespace(PAPER="fake", PAPER_RESULTS={}, PROTOCOL=("teacher", "stage1", "student_two_stage"),
+                               get_config=get_config)
+
+
+def params_of(workdir):
+  return ckpt.load_teacher_variables(str(workdir))[0]["params"]
+
+
+def test_init_from_reference_resolves_to_this_seeds_stage1_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "load_paper", lambda key: fake_paper())
+  results = reproduce.run_protocol("fake", seeds=2, workdir=str(tmp_path), progress=False, echo=lambda *a: None)
+  assert set(results["runs"]) == {"teacher", "stage1", "student_two_stage"}
+  for seed in (0, 1):
+    seed_dir = tmp_path / f"seed_{seed}"
+    saved = json.loads((seed_dir / "student_two_stage" / "config.json").read_text())
+    assert saved["init_from"] == str(seed_dir / "stage1")
+    assert json.loads((seed_dir / "stage1" / "config.json").read_text())["teacher_workdir"] == str(
+        seed_dir / "teacher")
+    # Stage 2 at step 0 holds exactly stage 1's guided layers of the same seed.
+    start, stage1 = params_of(seed_dir / "student_two_stage"), params_of(seed_dir / "stage1")
+    for name in GUIDED:
+      for a, b in zip(jax.tree.leaves(start[name]), jax.tree.leaves(stage1[name])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = params_of(tmp_path / "seed_1" / "stage1")["conv1"]
+  assert not np.array_equal(np.asarray(jax.tree.leaves(other)[0]),
+                            np.asarray(jax.tree.leaves(params_of(tmp_path / "seed_0" / "stage1")["conv1"])[0]))
+
+
+@pytest.mark.parametrize("reference", ["@nope", "@student_two_stage"])
+def test_unknown_or_later_reference_fails_before_training(tmp_path, monkeypatch, reference):
+  monkeypatch.setattr(reproduce, "load_paper", lambda key: fake_paper(stage2_init=reference))
+  with pytest.raises(UnknownNameError, match=rf"'{reference[1:]}'; expected one of: stage1, teacher"):
+    reproduce.run_protocol("fake", seeds=1, workdir=str(tmp_path), progress=False, echo=lambda *a: None)
+  assert not (tmp_path / "seed_0").exists()
+
+
+def test_plain_paths_are_left_alone():
+  c = default_stage_config()
+  c.init_from, c.teacher_workdir = "runs/x/stage1", "runs/a,@teacher"
+  reproduce.resolve_run_references(c, seed_dir="w/seed_0", variant="v", done=("teacher",))
+  assert c.init_from == "runs/x/stage1" and c.teacher_workdir == "runs/a,w/seed_0/teacher"
+
+
+@pytest.mark.parametrize("paper", ["fitnets", "fsp", "attention_transfer"])
+def test_paper_protocols_build_and_reference_earlier_runs(paper):
+  module = reproduce.load_paper(paper)
+  assert module.PROTOCOL[0] == "teacher"
+  for index, variant in enumerate(module.PROTOCOL):
+    for scale in ("", ",full"):
+      c = module.get_config(variant + scale)
+      assert c.batch_size % 8 == 0
+      reproduce.resolve_run_references(c, seed_dir="w", variant=variant, done=module.PROTOCOL[:index])
+    if variant != "teacher":
+      assert variant.startswith("student_")
+

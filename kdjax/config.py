@@ -63,6 +63,32 @@ def default_stage_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Per-channel means and standard deviations of the CIFAR training sets (inputs scaled to [0, 1]), as the
+# public CIFAR KD code normalises them (AT cifar.py, RepDistiller).
+CIFAR_CHANNEL_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def cifar_augmentation(config: ml_collections.ConfigDict, dataset: str) -> None:
+  """The CIFAR recipes' input handling: zero-padded 4-px random crops, horizontal flips, per-channel
+  standardisation."""
+  config.dataset = dataset
+  config.jitter = 4
+  config.hflip = True
+  config.image_mean, config.image_std = CIFAR_CHANNEL_STATS[dataset]
+
+
+def parse_variant(arg: str, variants) -> tuple[str, bool]:
+  """Splits a paper config argument ``"variant"`` or ``"variant,full"`` into ``(variant, full)``."""
+  variant, _, scale = arg.partition(",")
+  if variant not in variants or scale not in ("", "full"):
+    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(variants)}, optionally "
+                     "followed by ',full'")
+  return variant, scale == "full"
+
+
 def papers_dir() -> pathlib.Path:
   """The ``papers/`` folder (beside the package in a source checkout, or ``$KDJAX_PAPERS_DIR``)."""
   candidates = [os.environ.get(PAPERS_DIR_ENV, ""), pathlib.Path(__file__).resolve().parents[1] / "papers",

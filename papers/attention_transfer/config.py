@@ -16,7 +16,7 @@ user): teacher WRN-16-2, student WRN-16-1, AT at the three group outputs before 
 (``stage1..3`` of ``wrn_*``), β = 1000; KD α = 0.9, T = 4; SGD momentum 0.9, LR 0.1, weight decay
 5e-4, batch 128, 200 epochs. Differences from the authors' ``cifar.py`` (documented, not hidden):
 kdjax has no step schedule, so LR follows a cosine decay instead of ×0.2 at epochs 60/120/160, and
-its augmentation is ±4-px random shifts (``jitter=4``) without horizontal flips.
+its augmentation is the usual zero-padded 4-px random crops and flips (the authors pad by reflection).
 
 Variants: ``teacher``, ``student_alone`` (CE), ``student_at`` (CE + AT), ``student_kd`` (Hinton KD,
 α = 0.9, T = 4), ``student_at_kd`` (KD + AT); append ``,full`` for full scale.
@@ -36,7 +36,7 @@ AT+KD 7.51%, teacher 6.31%.
 
 import ml_collections
 
-from kdjax.config import default_stage_config
+from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
 
 PAPER = "Zagoruyko & Komodakis (ICLR 2017), Paying More Attention to Attention"
 # CIFAR-10 test accuracy the paper reports (Table 1, WRN-16-1 student <- WRN-16-2 teacher). Student,
@@ -56,20 +56,15 @@ AT_LAYERS = ("stage1", "stage2", "stage3")
 
 
 def get_config(arg: str = "student_at") -> ml_collections.ConfigDict:
-  variant, _, scale = arg.partition(",")
-  if variant not in VARIANTS or scale not in ("", "full"):
-    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(VARIANTS)}, optionally "
-                     "followed by ',full'")
-  full = scale == "full"
+  variant, full = parse_variant(arg, VARIANTS)
   c = default_stage_config()
   c.batch_size = 128                  # divisible by any power-of-two device count up to 128
   c.checkpoint_every_steps = 1000
   c.lr_schedule = "cosine"
   if full:
-    c.dataset = "cifar10"
+    cifar_augmentation(c, "cifar10")  # pad-4 random crops, flips, channel standardisation
     c.labelled_examples = 0
     c.include_unlabelled = False
-    c.jitter = 4                      # pad-4 random crops (no flips in kdjax)
     c.optimizer = "sgd"
     c.learning_rate = 0.1
     c.momentum = 0.9

@@ -25,7 +25,7 @@ resnet8x4 (guided = hint = the middle group output ``stage2``). The paper's two-
 (stage-1 hints, stage-2 KD with τ = 3, λ 4 → 1 over the stage) and RepDistiller's one-stage variant
 (CE + β = 100 hint MSE) both use RepDistiller's schedule: SGD momentum 0.9, LR 0.05, weight decay
 5e-4, batch 64, 240 epochs (stage 1: 30 epochs, as RepDistiller's ``init_epochs``). Differences:
-cosine LR decay instead of ×0.1 at epochs 150/180/210, ±4-px shifts without flips, and a BN-free
+cosine LR decay instead of ×0.1 at epochs 150/180/210, and a BN-free
 regressor. The paper's own nets (maxout FitNets, RMSProp, GCN+ZCA) are not reproduced.
 
 Commands::
@@ -45,7 +45,7 @@ test errors (10,000 images): teacher 0.55%, the FitNet by backprop 1.9%, by KD 0
 
 import ml_collections
 
-from kdjax.config import default_stage_config
+from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
 
 PAPER = "Romero et al. (ICLR 2015), FitNets: Hints for Thin Deep Nets"
 # MNIST test errors the paper reports (§4.2, 10,000 test images; maxout teacher ~361K params, FitNet ~30K).
@@ -70,19 +70,14 @@ GUIDED_LAYERS = {
 
 
 def get_config(arg: str = "student_fitnet") -> ml_collections.ConfigDict:
-  variant, _, scale = arg.partition(",")
-  if variant not in VARIANTS or scale not in ("", "full"):
-    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(VARIANTS)}, optionally "
-                     "followed by ',full'")
-  full = scale == "full"
+  variant, full = parse_variant(arg, VARIANTS)
   c = default_stage_config()
   c.checkpoint_every_steps = 1000
   c.lr_schedule = "cosine"
   if full:
-    c.dataset = "cifar100"
+    cifar_augmentation(c, "cifar100")  # pad-4 random crops, flips, channel standardisation
     c.labelled_examples = 0
     c.include_unlabelled = False
-    c.jitter = 4                      # pad-4 random crops (no flips in kdjax)
     c.optimizer = "sgd"
     c.learning_rate = 0.05
     c.momentum = 0.9

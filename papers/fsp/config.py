@@ -47,7 +47,7 @@ paper (CIFAR-100, ResNet-14 ← 4×-wide ResNet-32): student trained normally 58
 
 import ml_collections
 
-from kdjax.config import default_stage_config
+from kdjax.config import CIFAR_CHANNEL_STATS, default_stage_config, parse_variant
 
 PAPER = ("Yim, Joo, Bae & Kim (CVPR 2017), A Gift from Knowledge Distillation: Fast Optimization, "
          "Network Minimization and Transfer Learning")
@@ -68,11 +68,7 @@ FSP_POINTS = ("stem", "stage1", "stage2", "stage3")   # consecutive pairs = each
 
 
 def get_config(arg: str = "student_fsp") -> ml_collections.ConfigDict:
-  variant, _, scale = arg.partition(",")
-  if variant not in VARIANTS or scale not in ("", "full"):
-    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(VARIANTS)}, optionally "
-                     "followed by ',full'")
-  full = scale == "full"
+  variant, full = parse_variant(arg, VARIANTS)
   c = default_stage_config()
   c.batch_size = 128                  # divisible by any power-of-two device count up to 128
   c.checkpoint_every_steps = 1000
@@ -80,6 +76,7 @@ def get_config(arg: str = "student_fsp") -> ml_collections.ConfigDict:
   short = variant in ("student_alone_short", "student_fsp")
   if full:
     c.dataset = "cifar100"
+    c.image_mean, c.image_std = CIFAR_CHANNEL_STATS["cifar100"]
     c.labelled_examples = 0
     c.include_unlabelled = False
     c.jitter = 0                      # the paper's CIFAR-100 runs use no augmentation

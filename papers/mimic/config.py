@@ -29,7 +29,7 @@ teacher ECNN 18.5%.
 
 import ml_collections
 
-from kdjax.config import default_stage_config
+from kdjax.config import default_stage_config, parse_variant
 
 PAPER = "Ba & Caruana (NIPS 2014), Do Deep Nets Really Need to be Deep?"
 # TIMIT phone error rates the paper reports (Table 1); a different task, shown for reference.
@@ -43,11 +43,7 @@ PROTOCOL = ("teacher", "student_alone", "student_mimic", "student_mimic_jitter")
 
 
 def get_config(arg: str = "student_mimic") -> ml_collections.ConfigDict:
-  variant, _, scale = arg.partition(",")
-  if variant not in VARIANTS or scale not in ("", "full"):
-    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(VARIANTS)}, optionally "
-                     "followed by ',full'")
-  full = scale == "full"
+  variant, full = parse_variant(arg, VARIANTS)
   c = default_stage_config()
   c.dataset = "mnist" if full else "mnist5k"
   c.labelled_examples = 0 if full else 1000

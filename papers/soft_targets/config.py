@@ -31,7 +31,7 @@ MNIST numbers: teacher 67 errors, student alone 146, distilled student 74 (of 10
 
 import ml_collections
 
-from kdjax.config import default_stage_config
+from kdjax.config import default_stage_config, parse_variant
 
 PAPER = "Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network"
 # Test errors the paper reports on MNIST (10,000 test images), §3.
@@ -46,11 +46,7 @@ PROTOCOL = ("teacher", "student_alone", "student_kd_T4", "student_kd_T20")
 
 
 def get_config(arg: str = "student_kd_T4") -> ml_collections.ConfigDict:
-  variant, _, scale = arg.partition(",")
-  if variant not in VARIANTS or scale not in ("", "full"):
-    raise ValueError(f"unknown variant {arg!r}; expected one of {', '.join(VARIANTS)}, optionally "
-                     "followed by ',full'")
-  full = scale == "full"
+  variant, full = parse_variant(arg, VARIANTS)
   c = default_stage_config()
   c.dataset = "mnist" if full else "mnist5k"
   c.labelled_examples = 0 if full else 1000

@@ -23,6 +23,7 @@ from kdjax.models.zoo_layers import (
   check_nhwc,
   global_avg_pool,
   max_pool_ceil,
+  pooled_classifier,
 )
 
 _EPS = 1e-3
@@ -131,12 +132,7 @@ class InceptionV1(nn.Module):
       if key in ("3b", "4e", "5b"):
         sow_feature(self, f"stage{stage}", x)
         stage += 1
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, dropout=self.dropout, name="fc")
 
 
 @register("inception_v1", input_shape=(224, 224, 3),
@@ -299,12 +295,7 @@ class InceptionV3(nn.Module):
     x = InceptionE(name="Mixed_7b")(x, train=train)
     x = InceptionE(name="Mixed_7c")(x, train=train)
     sow_feature(self, "stage3", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, dropout=self.dropout, name="fc")
 
 
 @register("inception_v3", input_shape=(299, 299, 3),

@@ -25,8 +25,8 @@ from kdjax.models.zoo_layers import (
   channel_shuffle,
   check_nhwc,
   conv_init,
-  global_avg_pool,
   make_divisible,
+  pooled_classifier,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -74,12 +74,7 @@ class MobileNetV1(nn.Module):
                    name=f"dw{layer}")(x, train=train)
         x = ConvBN(int(channels * self.alpha), (1, 1), name=f"pw{layer}")(x, train=train)
       sow_feature(self, f"stage{i + 1}", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, dropout=self.dropout, name="fc")
 
 
 @register("mobilenet_v1", input_shape=(224, 224, 3),
@@ -175,12 +170,8 @@ class MobileNetV2(nn.Module):
     last = self._channels(self.last_channels * max(1.0, self.width_mult))
     x = ConvBN(last, (1, 1), act=self.act, name="conv_head")(x, train=train)
     sow_feature(self, "head", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="classifier")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, dropout=self.dropout,
+                             name="classifier")
 
 
 @register("mobilenet_v2", input_shape=(224, 224, 3),
@@ -296,11 +287,7 @@ class ShuffleNetV1(nn.Module):
         x = ShuffleUnitV1(out, strides, g, mid, group_first=not (i == 0 and j == 0),
                           name=f"stage{i + 2}_{j}")(x, train=train)
       sow_feature(self, f"stage{i + 1}", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, name="fc")
 
 
 @register("shufflenet_v1", input_shape=(224, 224, 3),
@@ -393,11 +380,7 @@ class ShuffleNetV2(nn.Module):
       sow_feature(self, f"stage{i + 1}", x)
     x = ConvBN(last, (1, 1), name="conv5")(x, train=train)
     sow_feature(self, "head", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, name="fc")
 
 
 @register("shufflenet_v2", input_shape=(224, 224, 3),

@@ -29,8 +29,8 @@ from kdjax.models.zoo_layers import (
   batch_norm,
   check_nhwc,
   conv_init,
-  global_avg_pool,
   max_pool_ceil,
+  pooled_classifier,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +193,7 @@ class ResNet(nn.Module):
           block = BasicBlock(features, strides, name=name)
         x = block(x, train=train)
       sow_feature(self, f"stage{i + 1}", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, name="fc")
 
 
 @register("resnet18", input_shape=(224, 224, 3),
@@ -278,11 +274,7 @@ class DenseNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = nn.relu(batch_norm(train, name="norm5")(x))
     sow_feature(self, f"stage{len(self.block_config)}", x)
-    x = global_avg_pool(x)
-    sow_feature(self, "pooled", x)
-    logits = nn.Dense(self.num_classes, name="classifier")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return pooled_classifier(self, x, num_classes=self.num_classes, train=train, name="classifier")
 
 
 @register("densenet121", input_shape=(224, 224, 3),

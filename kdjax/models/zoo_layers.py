@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.features import sow_feature
+
 # He-normal over fan-out: what torchvision uses for the convolutions of ResNet, VGG,
 # DenseNet and MobileNet, keeping activations' variance stable through ReLU stacks.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -100,6 +102,22 @@ class ConvBN(nn.Module):
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """``[B, H, W, C] -> [B, C]``."""
   return jnp.mean(x, axis=(1, 2))
+
+
+def pooled_classifier(module: nn.Module, x: jax.Array, *, num_classes: int, train: bool, dropout: float = 0.0,
+                      name: str = "fc") -> jax.Array:
+  """The zoo's common head: global average pool, optional dropout, one dense layer named ``name``.
+
+  Call it from a model's compact ``__call__`` (the layers become that model's submodules); it sows the
+  ``pooled`` (``[B, C]``) and ``logits`` features on ``module``.
+  """
+  x = global_avg_pool(x)
+  sow_feature(module, "pooled", x)
+  if dropout:
+    x = nn.Dropout(dropout, deterministic=not train)(x)
+  logits = nn.Dense(num_classes, name=name)(x)
+  sow_feature(module, "logits", logits)
+  return logits
 
 
 def _bins(size: int, out: int) -> list[tuple[int, int]]:

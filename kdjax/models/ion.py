@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 from kdjax.models.server import VGG16_STAGES
-from kdjax.models.zoo_layers import adaptive_pool, check_nhwc, conv_init, l2_normalize
+from kdjax.models.zoo_layers import adaptive_pool, check_nhwc, conv_init, l2_normalize, vgg_fc_head
 
 DIRECTIONS = ("right", "left", "down", "up")
 
@@ -163,15 +163,8 @@ class ION(nn.Module):
     x = nn.Conv(self.fused_channels, (1, 1), kernel_init=conv_init, name="skip_fuse")(x * scale)
     sow_feature(self, "pooled", x)
 
-    x = x.reshape(x.shape[0], -1)
-    for name in ("fc6", "fc7"):
-      x = nn.relu(nn.Dense(self.fc_features, name=name)(x))
-      if name == "fc7":
-        sow_feature(self, "embedding", x)
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="classifier")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return vgg_fc_head(self, x, fc_features=self.fc_features, num_classes=self.num_classes, dropout=self.dropout,
+                       train=train)
 
 
 @register("ion", input_shape=(224, 224, 3),

@@ -31,6 +31,7 @@ from kdjax.models.zoo_layers import (
   conv_init,
   max_pool_ceil,
   pooled_classifier,
+  vgg_fc_head,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -70,15 +71,8 @@ class VGG(nn.Module):
     x = nn.max_pool(x, (2, 2), strides=(2, 2)) if min(x.shape[1:3]) >= 2 else x
     x = adaptive_pool(x, (7, 7))
     sow_feature(self, "pooled", x)
-    x = x.reshape(x.shape[0], -1)
-    for name in ("fc6", "fc7"):
-      x = nn.relu(nn.Dense(self.fc_features, name=name)(x))
-      if name == "fc7":
-        sow_feature(self, "embedding", x)
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name="classifier")(x)
-    sow_feature(self, "logits", logits)
-    return logits
+    return vgg_fc_head(self, x, fc_features=self.fc_features, num_classes=self.num_classes, dropout=self.dropout,
+                       train=train)
 
 
 @register("vgg16", input_shape=(224, 224, 3),

@@ -120,6 +120,23 @@ def pooled_classifier(module: nn.Module, x: jax.Array, *, num_classes: int, trai
   return logits
 
 
+def vgg_fc_head(module: nn.Module, x: jax.Array, *, fc_features: int, num_classes: int, dropout: float,
+                train: bool) -> jax.Array:
+  """VGG's classifier (shared by VGG-16 and ION): flatten, fc6 and fc7 (ReLU, dropout), then ``classifier``.
+
+  Call it from a model's compact ``__call__``; it sows fc7's output as ``embedding`` and ``logits``.
+  """
+  x = x.reshape(x.shape[0], -1)
+  for name in ("fc6", "fc7"):
+    x = nn.relu(nn.Dense(fc_features, name=name)(x))
+    if name == "fc7":
+      sow_feature(module, "embedding", x)
+    x = nn.Dropout(dropout, deterministic=not train)(x)
+  logits = nn.Dense(num_classes, name="classifier")(x)
+  sow_feature(module, "logits", logits)
+  return logits
+
+
 def _bins(size: int, out: int) -> list[tuple[int, int]]:
   """PyTorch's adaptive-pooling bins: ``[floor(i*size/out), ceil((i+1)*size/out))``."""
   return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]

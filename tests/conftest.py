@@ -25,6 +25,17 @@ def load_golden(name: str) -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
+def assert_pairs_match_golden(g: dict[str, np.ndarray], per_pair, loss, grads) -> None:
+  """Checks per-pair losses, the summed loss and the NHWC gradients of a multi-pair feature loss against a
+  golden file (NCHW gradients ``grad_student_feats_i``), with the golden README's float32 tolerances."""
+  for i, value in enumerate(per_pair):
+    np.testing.assert_allclose(value, g[f"loss_pair_{i}"], rtol=1e-4)
+  np.testing.assert_allclose(loss, g["loss"], rtol=1e-4)
+  for i, grad in enumerate(grads):
+    want = np.transpose(g[f"grad_student_feats_{i}"], (0, 2, 3, 1))
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.fixture
 def golden():
   """Fixture form of :func:`load_golden`."""

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.errors import check_positive, check_same_shape, unknown_name
+from kdjax.models.batch_norm import BatchNorm
 
 _REDUCTIONS = ("mean", "paper")
 _ACTIVATIONS = ("relu", "maxout", "none")
@@ -113,7 +114,7 @@ class ConvRegressor(nn.Module):
     y = nn.Conv(self.features * pieces, tuple(self.kernel_size), padding=self.padding,
                 use_bias=not self.use_batchnorm, name="conv")(x)
     if self.use_batchnorm:
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(y)
+      y = BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(y)
     if self.activation == "relu":
       y = nn.relu(y)
     elif self.activation == "maxout":

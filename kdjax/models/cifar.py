@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.batch_norm import BatchNorm
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 
@@ -53,8 +54,8 @@ def _torch_linear_bias_init(fan_in: int):
   return init
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def _batch_norm(train: bool, name: str) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _conv3x3(features: int, strides: int = 1, *, use_bias: bool = False, name: str) -> nn.Conv:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from kdjax.models.batch_norm import BatchNorm
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 
@@ -30,7 +31,7 @@ class SmallCNN(nn.Module):
     for i, width in enumerate(self.channels):
       x = nn.Conv(width, (3, 3), padding="SAME", use_bias=not self.use_batchnorm, name=f"conv_{i}")(x)
       if self.use_batchnorm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{i}")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{i}")(x)
       x = nn.relu(x)
       sow_feature(self, f"block_{i}", x)
       if min(x.shape[1:3]) >= 2:

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.batch_norm import BatchNorm
 from kdjax.models.features import sow_feature
 
 # He-normal over fan-out: what torchvision uses for the convolutions of ResNet, VGG,
@@ -38,9 +39,9 @@ def torch_padding(kernel: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 def batch_norm(train: bool, *, epsilon: float = 1e-5, name: str | None = None,
-               scale_init: Callable = nn.initializers.ones) -> nn.BatchNorm:
+               scale_init: Callable = nn.initializers.ones) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, ``epsilon`` 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
                       scale_init=scale_init, name=name)
 
 

@@ -1,0 +1,97 @@
+"""The CPU-fast layers behind the CIFAR models: BatchNorm with dot-product statistics. It must compute
+what the stock Flax layer computes, to float tolerance, in values, first and second derivatives, under
+jit and on 8 devices."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from kdjax import parallel
+from kdjax.models.batch_norm import BatchNorm, batch_norm_train, channel_sums
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+def _bn_inputs():
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3)) * 2.0 + 1.0
+  params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
+  stats = {"mean": jnp.array([0.1, -0.2, 0.3]), "var": jnp.array([1.5, 0.5, 2.0])}
+  return x, {"params": params, "batch_stats": stats}
+
+
+def test_channel_sums_equal_jnp_sum():
+  x = jax.random.normal(jax.random.key(1), (3, 4, 5, 6))
+  _close(channel_sums(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
+  _close(jax.jit(channel_sums)(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_matches_flax(train):
+  x, variables = _bn_inputs()
+  ours, flax_bn = (m(use_running_average=not train, momentum=0.9, epsilon=1e-5) for m in (BatchNorm, nn.BatchNorm))
+  # Same variable names and shapes, so checkpoints of either load into the other.
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, flax_bn.init(jax.random.key(0), x))
+  y_ours, new_ours = ours.apply(variables, x, mutable=["batch_stats"])
+  y_flax, new_flax = flax_bn.apply(variables, x, mutable=["batch_stats"])
+  _close(y_ours, y_flax)
+  _close(new_ours, new_flax)
+
+  def loss(module):
+    return lambda p, x: jnp.sum(module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0] ** 3)
+
+  _close(jax.grad(loss(ours), (0, 1))(variables["params"], x), jax.grad(loss(flax_bn), (0, 1))(variables["params"], x),
+         rtol=2e-4, atol=2e-3)
+
+
+def _bn_reference(x, scale, bias, epsilon=1e-5):
+  mean = x.mean((0, 1, 2))
+  var = (x * x).mean((0, 1, 2)) - mean * mean
+  return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_batch_norm_second_derivatives_match_autodiff_of_the_formula():
+  """Gradient-based attention transfer differentiates through the backward rule: it must be exact too."""
+  x, variables = _bn_inputs()
+  p = variables["params"]
+
+  def outer(fn):
+    def inner_loss(x, s, b):
+      y, mean, var = fn(x, s, b)
+      return jnp.sum(jnp.sin(y)) + jnp.sum(mean ** 2) + jnp.sum(jnp.cos(var))  # statistics' cotangents too
+    return lambda x, s, b: sum(jnp.sum(g ** 2) for g in jax.grad(inner_loss, (0, 1, 2))(x, s, b))
+
+  ours = jax.grad(outer(lambda x, s, b: batch_norm_train(x, s, b, 1e-5)), (0, 1, 2))(x, p["scale"], p["bias"])
+  ref = jax.grad(outer(_bn_reference), (0, 1, 2))(x, p["scale"], p["bias"])
+  _close(ours, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_norm_bfloat16_input_keeps_float32_statistics():
+  x, variables = _bn_inputs()
+  y, new = BatchNorm(use_running_average=False, momentum=0.9).apply(variables, x.astype(jnp.bfloat16),
+                                                                   mutable=["batch_stats"])
+  assert y.dtype == jnp.float32  # promoted with the float32 parameters, as Flax does
+  assert new["batch_stats"]["mean"].dtype == jnp.float32
+  y_ref, _ = nn.BatchNorm(use_running_average=False, momentum=0.9).apply(variables, x.astype(jnp.bfloat16),
+                                                                         mutable=["batch_stats"])
+  _close(y, y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_batch_norm_statistics_are_global_over_8_devices():
+  x = jax.random.normal(jax.random.key(3), (16, 4, 4, 3)) * 3.0 + 2.0
+  module = BatchNorm(use_running_average=False, momentum=0.9)
+  variables = module.init(jax.random.key(0), x)
+  apply = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))
+  single = apply(variables, x)
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  sharded = apply(parallel.replicate(variables, mesh), parallel.shard_batch({"x": np.asarray(x)}, mesh)["x"])
+  _close(sharded, single, rtol=1e-5, atol=1e-5)

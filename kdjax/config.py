@@ -22,7 +22,16 @@ PAPERS_DIR_ENV = "KDJAX_PAPERS_DIR"
 
 
 def default_stage_config() -> ml_collections.ConfigDict:
-  """Every field a training stage (:func:`kdjax.train.train_and_evaluate`) reads, with defaults."""
+  """Every field a training stage (:func:`kdjax.train.train_and_evaluate`) reads, with defaults.
+
+  Learning-rate schedules (``lr_schedule``, built by :func:`kdjax.train.make_lr_schedule` over the
+  stage's total number of steps): ``constant``; ``cosine`` (decay to 0 over the stage); ``step``
+  (piecewise constant: ``learning_rate`` times ``lr_decay_factor ** k`` once ``k`` of the
+  ``lr_boundaries`` have been passed). ``lr_boundaries`` are fractions of the stage's steps, strictly
+  increasing and in (0, 1), so one config fits any dataset size or epoch count: RepDistiller's ×0.1 at
+  epochs 150, 180, 210 of 240 is ``lr_boundaries=(150 / 240, 180 / 240, 210 / 240)``,
+  ``lr_decay_factor=0.1``. Both fields are read only by the ``step`` schedule.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Data.
@@ -51,7 +60,9 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3
   c.momentum = 0.9
   c.weight_decay = 0.0
-  c.lr_schedule = "constant"       # constant | cosine
+  c.lr_schedule = "constant"       # constant | cosine | step
+  c.lr_boundaries = ()             # step: where the LR drops, as fractions of the stage's steps in (0, 1)
+  c.lr_decay_factor = 0.1          # step: the LR is multiplied by this at each boundary
   c.batch_size = 100
   c.num_epochs = 10
   c.num_steps = 0                  # > 0 overrides num_epochs

@@ -34,8 +34,8 @@ from jax.experimental import multihost_utils
 from kdjax import checkpoint as ckpt
 from kdjax import data as kdata
 from kdjax import models, parallel
-from kdjax.config import check_keys
-from kdjax.errors import NonFiniteError, UnknownNameError
+from kdjax.config import check_keys, default_stage_config
+from kdjax.errors import NonFiniteError, UnknownNameError, unknown_name
 from kdjax.logging_utils import MetricWriter
 from kdjax.methods.objective import Objective, make_objective
 from kdjax.models.features import ModelOutput
@@ -208,14 +208,65 @@ def summarize(metrics: Metrics) -> dict[str, float]:
   return {k: float(s) / float(c) if float(c) else float("nan") for k, (s, c) in host.items()}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """The optimizer of ``config`` (``adam`` | ``sgd`` | ``rmsprop``, constant or cosine LR)."""
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool | np.bool_)
+
+
+def step_boundaries(lr_boundaries: Sequence[float], lr_decay_factor: float, num_steps: int) -> dict[int, float]:
+  """The ``{step: scale}`` map of the ``step`` schedule, after checking its two config fields.
+
+  Each fraction ``b`` becomes the step ``round(b * num_steps)``; fractions that round to the same step
+  multiply their factors there (only in runs with very few steps).
+
+  Raises:
+    ValueError: ``lr_boundaries`` empty, not strictly increasing or not in (0, 1), or
+      ``lr_decay_factor`` not > 0; the message names the field and the value given.
+  """
+  boundaries = tuple(lr_boundaries)
+  if not boundaries:
+    raise ValueError("lr_schedule 'step' needs lr_boundaries: the fractions of the stage's steps where the "
+                     "learning rate drops, e.g. (0.625, 0.75, 0.875); got ()")
+  if (not all(_is_real(b) and 0 < b < 1 for b in boundaries)
+      or any(a >= b for a, b in zip(boundaries, boundaries[1:]))):
+    raise ValueError("lr_boundaries must be fractions of the stage's steps, strictly between 0 and 1 and "
+                     f"strictly increasing (e.g. (0.625, 0.75, 0.875) for epochs 150/180/210 of 240); "
+                     f"got {lr_boundaries!r}")
+  if not (_is_real(lr_decay_factor) and lr_decay_factor > 0):
+    raise ValueError(f"lr_decay_factor must be > 0, got {lr_decay_factor!r}")
+  scales: dict[int, float] = {}
+  for b in boundaries:
+    step = int(round(b * num_steps))
+    scales[step] = scales.get(step, 1.0) * float(lr_decay_factor)
+  return scales
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict, num_steps: int) -> float | optax.Schedule:
+  """The learning rate of ``config`` over a stage of ``num_steps`` updates: a float or an optax schedule.
+
+  * ``constant``: ``learning_rate`` throughout.
+  * ``cosine``: cosine decay from ``learning_rate`` to 0 over ``num_steps``.
+  * ``step``: piecewise constant (``optax.piecewise_constant_schedule``): ``learning_rate`` times
+    ``lr_decay_factor ** k`` from the ``k``-th boundary on, where the boundaries are the fractions
+    ``lr_boundaries`` of ``num_steps`` rounded to whole steps. The update with count
+    ``round(b * num_steps)`` (0-based) is the first at the lower rate, as PyTorch's ``MultiStepLR``
+    stepped once per epoch when ``b * num_steps`` is a whole epoch.
+  """
   if config.lr_schedule == "constant":
-    lr = config.learning_rate
-  elif config.lr_schedule == "cosine":
-    lr = optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1))
-  else:
-    raise UnknownNameError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of: constant, cosine")
+    return config.learning_rate
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(config.learning_rate, max(num_steps, 1))
+  if config.lr_schedule == "step":
+    return optax.piecewise_constant_schedule(
+        config.learning_rate, step_boundaries(config.lr_boundaries, config.lr_decay_factor, num_steps))
+  raise unknown_name("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """The optimizer of ``config`` (``adam`` | ``sgd`` | ``rmsprop``; LR from :func:`make_lr_schedule`)."""
+  lr = make_lr_schedule(config, num_steps)
   makers = {
       "adam": lambda: optax.adam(lr),
       "sgd": lambda: optax.sgd(lr, momentum=config.momentum or None, nesterov=False),
@@ -383,9 +434,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
 
   steps_per_epoch = len(transfer_set) // config.batch_size
   num_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
+  tx = make_optimizer(config, num_steps)  # bad optimizer/schedule fields fail before config.json is written
   saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps}
   saved_config = json.loads(json.dumps(saved_config))  # as it reads back (tuples become lists)
   previous = ckpt.read_config(workdir)
+  if previous is not None:
+    # A run recorded before a field was added to default_stage_config ran with that field's default.
+    defaults = json.loads(json.dumps(config_to_dict(default_stage_config())))
+    previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
   if previous is not None and previous != saved_config:
     changed = sorted(k for k in set(previous) | set(saved_config) if previous.get(k) != saved_config.get(k))
     raise ValueError(f"{workdir} holds a run with a different config (fields {changed} differ); "
@@ -398,7 +454,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   if objective.needs_teacher and config.cache_teacher and augmented:
     log.info("teacher runs live: inputs are augmented, so cached teacher outputs would not match them")
 
-  tx = make_optimizer(config, num_steps)
   example = jnp.zeros((1, *dataset.example_shape), jnp.float32)
   init_variables = load_layers(config.init_from, tuple(config.init_layers)) if config.init_from else None
   state = create_train_state(student, tx, example, config.seed, objective=objective,

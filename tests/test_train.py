@@ -14,13 +14,21 @@ import optax
 import pytest
 
 from kdjax import checkpoint as ckpt
-from kdjax import models, parallel
+from kdjax import models, parallel, reproduce
 from kdjax.cli import main
 from kdjax.config import apply_overrides, default_stage_config
 from kdjax.data import epoch_order
 from kdjax.errors import MissingCheckpointError, NonFiniteError, UnknownNameError
 from kdjax.methods.objective import make_objective
-from kdjax.train import StopTraining, create_train_state, make_train_step, train_and_evaluate
+from kdjax.train import (
+  StopTraining,
+  create_train_state,
+  make_lr_schedule,
+  make_optimizer,
+  make_train_step,
+  step_boundaries,
+  train_and_evaluate,
+)
 
 
 def tiny_config(**fields):
@@ -241,3 +249,111 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   train_and_evaluate(tiny_config(num_steps=2), str(tmp_path / "run"), progress=False)
   with pytest.raises(ValueError, match=r"different config \(fields \['learning_rate'\]"):
     train_and_evaluate(tiny_config(num_steps=2, learning_rate=0.5), str(tmp_path / "run"), progress=False)
+
+
+def sgd_learning_rates(config, num_steps):
+  """The learning rate of each update of ``make_optimizer(config)``: SGD on a gradient of 1 moves by -lr."""
+  tx = make_optimizer(config, num_steps)
+  params = jnp.zeros(())
+  opt_state = tx.init(params)
+  rates = []
+  for _ in range(num_steps):
+    updates, opt_state = tx.update(jnp.ones(()), opt_state, params)
+    rates.append(-float(updates))
+  return rates
+
+
+def test_default_schedule_is_constant():
+  config = tiny_config(optimizer="sgd", momentum=0.0, learning_rate=0.1)
+  assert config.lr_schedule == "constant" and config.lr_boundaries == () and config.lr_decay_factor == 0.1
+  np.testing.assert_allclose(sgd_learning_rates(config, 4), [0.1] * 4, rtol=1e-6)
+
+
+def test_step_schedule_drops_the_learning_rate_at_the_boundaries():
+  # 8 updates, boundaries 1/4, 1/2, 3/4 -> updates 2, 4 and 6 (0-based) are the first at each lower rate.
+  config = tiny_config(optimizer="sgd", momentum=0.0, learning_rate=0.1, lr_schedule="step",
+                       lr_boundaries=(0.25, 0.5, 0.75), lr_decay_factor=0.5)
+  np.testing.assert_allclose(sgd_learning_rates(config, 8), [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125],
+                             rtol=1e-6)
+  # Fractions are rounded, not truncated: 0.29 * 100 and 0.57 * 100 are 28.99... and 56.99... in floats.
+  schedule = make_lr_schedule(tiny_config(learning_rate=1.0, lr_schedule="step", lr_boundaries=(0.29, 0.57),
+                                          lr_decay_factor=0.1), 100)
+  for step, want in [(0, 1.0), (28, 1.0), (29, 0.1), (56, 0.1), (57, 0.01), (99, 0.01)]:
+    np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-6)
+  # RepDistiller: 240 epochs of 781 steps (CIFAR-100, batch 64), LR 0.05 x0.1 at epochs 150, 180, 210
+  # = steps 117150, 140580, 164010.
+  schedule = make_lr_schedule(tiny_config(learning_rate=0.05, lr_schedule="step",
+                                          lr_boundaries=(150 / 240, 180 / 240, 210 / 240)), 240 * 781)
+  for step, want in [(0, 0.05), (117149, 0.05), (117150, 0.005), (140579, 0.005), (140580, 5e-4),
+                     (164009, 5e-4), (164010, 5e-5), (240 * 781 - 1, 5e-5)]:
+    np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({}, r"lr_schedule 'step' needs lr_boundaries.*got \(\)"),
+    ({"lr_boundaries": (0.5, 0.5)}, r"lr_boundaries must be .*strictly increasing.*got \(0\.5, 0\.5\)"),
+    ({"lr_boundaries": (0.75, 0.5)}, r"lr_boundaries must be .*got \(0\.75, 0\.5\)"),
+    ({"lr_boundaries": (150, 180, 210)}, r"lr_boundaries must be fractions.*got \(150, 180, 210\)"),
+    ({"lr_boundaries": (0.0, 0.5)}, r"lr_boundaries must be .*between 0 and 1.*got \(0\.0, 0\.5\)"),
+    ({"lr_boundaries": (0.5, 1.0)}, r"lr_boundaries must be .*got \(0\.5, 1\.0\)"),
+    ({"lr_boundaries": (0.5,), "lr_decay_factor": 0.0}, r"lr_decay_factor must be > 0, got 0\.0"),
+    ({"lr_boundaries": (0.5,), "lr_decay_factor": -0.1}, r"lr_decay_factor must be > 0, got -0\.1"),
+])
+def test_bad_step_schedule_fields_are_named(fields, match):
+  with pytest.raises(ValueError, match=match):
+    make_optimizer(tiny_config(lr_schedule="step", **fields), 100)
+
+
+def test_unknown_schedule_lists_the_valid_ones_before_config_json_is_written(tmp_path):
+  with pytest.raises(UnknownNameError, match="unknown lr_schedule 'steps'; expected one of: constant, cosine, step"):
+    make_optimizer(tiny_config(lr_schedule="steps"), 100)
+  # A bad schedule fails before the work directory records the config, so the fixed config can use it.
+  with pytest.raises(ValueError, match="lr_decay_factor must be > 0"):
+    train_and_evaluate(tiny_config(lr_schedule="step", lr_boundaries=(0.5,), lr_decay_factor=0.0),
+                       str(tmp_path / "run"), progress=False)
+  assert ckpt.read_config(str(tmp_path / "run")) is None
+
+
+def test_step_schedule_config_survives_the_config_json_round_trip(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(num_steps=2, lr_schedule="step", lr_boundaries=(0.5,), lr_decay_factor=0.1)
+  train_and_evaluate(config, workdir, progress=False)
+  assert ckpt.read_config(workdir)["lr_boundaries"] == [0.5]  # JSON has no tuples
+  train_and_evaluate(config, workdir, progress=False)  # the same config with its tuple is not "changed"
+  with pytest.raises(ValueError, match=r"different config \(fields \['lr_boundaries'\]"):
+    train_and_evaluate(tiny_config(num_steps=2, lr_schedule="step", lr_boundaries=(0.75,)), workdir, progress=False)
+
+
+def test_run_recorded_before_the_schedule_fields_existed_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(num_steps=2), workdir, progress=False)
+  old = ckpt.read_config(workdir)
+  del old["lr_boundaries"], old["lr_decay_factor"]
+  ckpt.write_config(workdir, old)
+  train_and_evaluate(tiny_config(num_steps=2), workdir, progress=False)  # it ran with their defaults
+  ckpt.write_config(workdir, old)
+  with pytest.raises(ValueError, match=r"fields \['lr_boundaries', 'lr_schedule'\] differ"):
+    train_and_evaluate(tiny_config(num_steps=2, lr_schedule="step", lr_boundaries=(0.5,)), workdir, progress=False)
+
+
+@pytest.mark.parametrize("paper, variant, steps_per_epoch, want", [
+    # RepDistiller: x0.1 at epochs 150, 180, 210 of 240 (CIFAR-100, batch 64: 781 steps an epoch).
+    ("fitnets", "teacher", 781, {150 * 781: 0.1, 180 * 781: 0.1, 210 * 781: 0.1}),
+    ("fitnets", "student_fitnet", 781, {150 * 781: 0.1, 180 * 781: 0.1, 210 * 781: 0.1}),
+    ("fitnets", "student_fitnet_stage1", 781, None),  # RepDistiller's init(): constant LR
+    # The AT authors' cifar.py: x0.2 at epochs 60, 120, 160 of 200 (CIFAR-10, batch 128: 390 steps).
+    ("attention_transfer", "student_at_kd", 390, {60 * 390: 0.2, 120 * 390: 0.2, 160 * 390: 0.2}),
+    # FSP: x0.1 at 32k / 48k of 64k, 11k / 16k of 21k, stage 1 at 16k / 24k of 32k iterations.
+    ("fsp", "teacher", None, {32000: 0.1, 48000: 0.1}),
+    ("fsp", "student_fsp", None, {11000: 0.1, 16000: 0.1}),
+    ("fsp", "student_fsp_stage1", None, {16000: 0.1, 24000: 0.1}),
+])
+def test_full_paper_configs_step_at_the_papers_epochs(paper, variant, steps_per_epoch, want):
+  c = reproduce.load_paper(paper).get_config(variant + ",full")
+  num_steps = c.num_steps or c.num_epochs * steps_per_epoch
+  make_optimizer(c, num_steps)
+  if want is None:
+    assert c.lr_schedule == "constant"
+  else:
+    assert c.lr_schedule == "step"
+    assert step_boundaries(c.lr_boundaries, c.lr_decay_factor, num_steps) == pytest.approx(want)

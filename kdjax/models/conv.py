@@ -18,7 +18,8 @@ where the profile of the CIFAR ResNet training step found XLA:CPU's transposed c
   the strided positions by an interior-padded ``lax.pad``.
 
 Everything else (other kernels, strides, paddings, dilations, grouped convolutions) goes to
-``jax.lax.conv_general_dilated`` unchanged, gradients included. The backward rules are written in
+``jax.lax.conv_general_dilated`` unchanged, gradients included, and on other platforms than CPU
+(``jax.lax.platform_dependent``) both gradients are XLA's own. The backward rules are written in
 differentiable JAX operations, so reverse-over-reverse differentiation (gradient-based attention
 transfer) works; forward-mode differentiation (``jax.jvp``) of these two cases is not available, as for
 any ``jax.custom_vjp`` function.
@@ -107,11 +108,19 @@ def _stride2_input_grad(g, w, precision):
 
 def _conv2d_bwd(strides, padding, precision, residuals, g):
   x, w = residuals
-  if tuple(w.shape[:2]) == (1, 1) and all(p == (0, 0) for p in padding):
-    return _pointwise(x, w, g, strides, precision)
-  # The stride-2 3×3 case: phases for the input gradient, XLA's own filter-gradient convolution.
-  d_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding, precision), w)[1](g)[0]
-  return _stride2_input_grad(g, w, precision), d_w
+
+  def xla_rule(x, w, g):
+    return jax.vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision), x, w)[1](g)
+
+  def cpu_rule(x, w, g):
+    if tuple(w.shape[:2]) == (1, 1) and all(p == (0, 0) for p in padding):
+      return _pointwise(x, w, g, strides, precision)
+    # The stride-2 3×3 case: phases for the input gradient, XLA's own filter-gradient convolution.
+    d_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding, precision), w)[1](g)[0]
+    return _stride2_input_grad(g, w, precision), d_w
+
+  # Only XLA:CPU needs the rewrite; GPUs and TPUs keep their own (cuDNN, ...) gradient kernels.
+  return tuple(lax.platform_dependent(x, w, g, cpu=cpu_rule, default=xla_rule))
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -5,14 +5,16 @@ exposing named features through :mod:`kdjax.models.features`; build any of them 
 
 from kdjax.models import cifar as cifar
 from kdjax.models import cnn as cnn
+from kdjax.models import conv as conv
 from kdjax.models import inception as inception
 from kdjax.models import ion as ion
 from kdjax.models import maxout as maxout
 from kdjax.models import mlp as mlp
 from kdjax.models import mobile as mobile
 from kdjax.models import server as server
+from kdjax.models.batch_norm import BatchNorm
 from kdjax.models.features import ModelOutput, apply_model, feature_names, sow_feature
 from kdjax.models.registry import count_params, get, names, register, spec
 
-__all__ = ["ModelOutput", "apply_model", "count_params", "feature_names", "get", "names",
+__all__ = ["BatchNorm", "ModelOutput", "apply_model", "count_params", "feature_names", "get", "names",
            "register", "sow_feature", "spec"]

@@ -204,3 +204,31 @@ def test_annealed_weight_is_linear_then_flat():
       jax.jit(lambda s: fitnets.annealed_weight(s, start=5.0, end=0.0, decay_steps=4))(1), 3.75)
   with pytest.raises(ValueError, match="decay_steps must be > 0"):
     fitnets.annealed_weight(0, decay_steps=0)
+
+
+def test_one_stage_objective_trains_repdistillers_convreg_on_batch_statistics():
+  """RepDistiller's ConvReg (3x3 conv, BN, ReLU): BN scale/bias are trained regressor parameters and the
+  regressor normalises with the batch's statistics (it is training-only, so no running statistics)."""
+  from kdjax.methods.objective import make_objective
+  from kdjax.models.features import ModelOutput
+
+  objective = make_objective("fitnets_one_stage", {})
+  guided = jax.random.normal(jax.random.key(0), (4, 6, 6, 3)) * 5.0 + 3.0
+  hint = jax.nn.relu(jax.random.normal(jax.random.key(1), (4, 6, 6, 5)))
+  student = ModelOutput(logits=jnp.zeros((4, 10)), features={"stage2": guided}, batch_stats={})
+  teacher = ModelOutput(logits=jnp.zeros((4, 10)), features={"stage2": hint}, batch_stats={})
+  aux = objective.init_aux(jax.random.key(2), student, teacher)
+  assert set(aux) == {"conv", "bn"} and set(aux["bn"]) == {"scale", "bias"} and "bias" not in aux["conv"]
+  batch = {"label": jnp.zeros((4,), jnp.int32), "label_mask": jnp.ones((4,))}
+  loss, _ = objective.fn(student, teacher, batch, 0, aux=aux)
+  # Batch statistics: at initialisation (scale 1, bias 0) the regressor output is relu(x_hat).
+  reg = fitnets.make_regressor(guided.shape, hint.shape, mode="same", kernel_size=3)
+  mapped = fitnets._apply_regressor(reg, aux, guided)
+  conv_out = jax.lax.conv_general_dilated(guided, aux["conv"]["kernel"], (1, 1), "SAME",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  mean, var = conv_out.mean((0, 1, 2)), conv_out.var((0, 1, 2))
+  np.testing.assert_allclose(mapped, jax.nn.relu((conv_out - mean) / jnp.sqrt(var + 1e-5)), rtol=1e-4, atol=1e-4)
+  expected = 100.0 * fitnets.hint_loss(mapped, hint, reduction="mean") + 2.302585
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  grads = jax.grad(lambda a: objective.fn(student, teacher, batch, 0, aux=a)[0].mean())(aux)
+  assert float(jnp.abs(grads["bn"]["scale"]).sum()) > 0

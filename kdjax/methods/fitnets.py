@@ -269,11 +269,21 @@ def hint_loss_config() -> dict:
 
 def _regressor_for(student_feat, teacher_feat, *, guided_layer, hint_layer, regressor, regressor_activation,
                    kernel_size) -> ConvRegressor:
-  reg = make_regressor(student_feat.shape, teacher_feat.shape, mode=regressor, activation=regressor_activation,
-                       kernel_size=kernel_size, names=(f"student:{guided_layer}", f"teacher:{hint_layer}"))
-  # BatchNorm in the regressor would need its own running statistics; kdjax's regressors are
-  # BN-free (the paper's has none; RepDistiller's ConvReg has one — a documented difference).
-  return reg.clone(use_batchnorm=False)
+  return make_regressor(student_feat.shape, teacher_feat.shape, mode=regressor, activation=regressor_activation,
+                        kernel_size=kernel_size, names=(f"student:{guided_layer}", f"teacher:{hint_layer}"))
+
+
+def _apply_regressor(reg: ConvRegressor, params, guided: jax.Array) -> jax.Array:
+  """The regressor in training mode. Its BatchNorm (mode ``'same'``, RepDistiller's ``ConvReg``) always
+  normalises with the batch's statistics: the regressor only exists during training and is discarded,
+  so running statistics would never be read and are not kept."""
+  if not reg.use_batchnorm:
+    return reg.apply({"params": params}, guided, train=True)
+  unused_stats = {"bn": {"mean": jnp.zeros((reg.features,), jnp.float32),
+                         "var": jnp.ones((reg.features,), jnp.float32)}}
+  mapped, _ = reg.apply({"params": params, "batch_stats": unused_stats}, guided, train=True,
+                        mutable=["batch_stats"])
+  return mapped
 
 
 def make_hint_objective(*, guided_layer: str, hint_layer: str, regressor: str, regressor_activation: str,
@@ -295,7 +305,7 @@ def make_hint_objective(*, guided_layer: str, hint_layer: str, regressor: str, r
   def fn(student, teacher, batch, step, *, aux):
     del batch, step
     guided, hint = student.features[guided_layer], teacher.features[hint_layer]
-    mapped = _regressor_for(guided, hint, **reg_kwargs).apply({"params": aux}, guided)
+    mapped = _apply_regressor(_regressor_for(guided, hint, **reg_kwargs), aux, guided)
     loss = hint_loss(mapped, hint, reduction=reduction,
                      names=(f"student:{guided_layer} (regressed)", f"teacher:{hint_layer}"))
     return loss, {"hint": loss}
@@ -328,7 +338,7 @@ def make_kd_objective(*, temperature: float, lambda_start: float, lambda_end: fl
 
 def one_stage_loss_config() -> dict:
   """``config.loss`` fields of RepDistiller's one-stage FitNet: CE (+KD) + β·MSE hint all along."""
-  return {"guided_layer": "stage2", "hint_layer": "stage2", "regressor": "same", "regressor_activation": "none",
+  return {"guided_layer": "stage2", "hint_layer": "stage2", "regressor": "same", "regressor_activation": "relu",
           "kernel_size": 3, "beta": 100.0, "alpha": 0.0, "temperature": 4.0}
 
 
@@ -337,7 +347,9 @@ def make_one_stage_objective(*, guided_layer: str, hint_layer: str, regressor: s
   """The one-stage variant used by RepDistiller/CRD tables (not the paper's recipe).
 
   Per example ``task + β · hint_loss(r(guided), hint, reduction='mean')`` through all of training,
-  with ``task`` = CE (``alpha = 0``) or Hinton KD; β = 100 as in RepDistiller's scripts.
+  with ``task`` = CE (``alpha = 0``) or Hinton KD; β = 100 as in RepDistiller's scripts. With the default
+  ``regressor='same'`` the regressor ``r`` is RepDistiller's ``ConvReg``: a 3×3 convolution, BatchNorm
+  (batch statistics) and ReLU, matching the post-ReLU ``stageK`` hint.
   """
   from kdjax.methods.objective import Objective
   from kdjax.methods.soft_targets import distillation_loss, hard_label_loss

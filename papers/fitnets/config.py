@@ -18,7 +18,8 @@ these thin nets are far from converged after 140 steps) with cosine decay, batch
   resolved by ``kdjax reproduce`` to this seed's stage-1 run), the rest re-initialised, the whole
   student trained with the KD loss of ``student_kd`` (same budget); the regressor is discarded.
 * ``student_fitnet_one_stage`` (not in the default protocol): RepDistiller's FitNet (CE + 100·MSE hint
-  with a 3×3 conv regressor, throughout training) — what the CRD benchmark tables call "FitNet".
+  with RepDistiller's ``ConvReg`` regressor — 3×3 conv, BatchNorm, ReLU — throughout training) — what
+  the CRD benchmark tables call "FitNet".
 
 Full scale (``,full``): TFDS ``cifar100`` (prepared by the user), the CRD-table pair resnet32x4 →
 resnet8x4 (guided = hint = the middle group output ``stage2``). The paper's two-stage recipe
@@ -26,8 +27,9 @@ resnet8x4 (guided = hint = the middle group output ``stage2``). The paper's two-
 (CE + β = 100 hint MSE) both use RepDistiller's schedule: SGD momentum 0.9, LR 0.05, weight decay
 5e-4, batch 64, 240 epochs with LR ×0.1 at epochs 150, 180 and 210 (``lr_schedule='step'``); stage 1
 30 epochs (RepDistiller's ``init_epochs``) at a constant LR 0.05, as RepDistiller's ``init()``.
-Difference: a BN-free regressor. The paper's own nets (maxout FitNets, RMSProp, GCN+ZCA) are not
-reproduced.
+The two-stage recipe uses the paper's BN-free VALID-conv regressor, the one-stage variant RepDistiller's
+``ConvReg`` (3×3 conv, BatchNorm on batch statistics, ReLU). The paper's own nets (maxout FitNets,
+RMSProp, GCN+ZCA) are not reproduced.
 
 Commands::
 

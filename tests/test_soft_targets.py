@@ -122,3 +122,16 @@ def test_bad_inputs_name_what_was_expected():
     soft_targets.hard_label_loss(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match="alpha"):
     soft_targets.make_objective(temperature=4.0, alpha=1.5, ensemble_mean="arithmetic")
+
+
+def test_task_loss_is_masked_ce_at_alpha_0_else_distillation_loss():
+  s = jax.random.normal(jax.random.key(0), (4, 5))
+  t = jax.random.normal(jax.random.key(1), (4, 5))
+  labels, mask = jnp.array([0, 1, 2, 3]), jnp.array([1.0, 0.0, 1.0, 1.0])
+  ce = soft_targets.hard_label_loss(s, labels) * mask
+  np.testing.assert_allclose(soft_targets.task_loss(s, t, labels, label_mask=mask, alpha=0.0, temperature=4.0), ce)
+  np.testing.assert_allclose(  # alpha = 0 never reads the teacher
+      soft_targets.task_loss(s, jnp.full_like(t, jnp.nan), labels, label_mask=mask, alpha=0.0, temperature=4.0), ce)
+  np.testing.assert_allclose(
+      soft_targets.task_loss(s, t, labels, label_mask=mask, alpha=0.9, temperature=4.0),
+      soft_targets.distillation_loss(s, t, labels, label_mask=mask, alpha=0.9, temperature=4.0))

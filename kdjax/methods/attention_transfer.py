@@ -255,7 +255,7 @@ def make_objective(*, student_layers, teacher_layers, beta: float, p: float, mod
   (``alpha > 0``, "AT+KD"; the authors use α = 0.9, T = 4).
   """
   from kdjax.methods.objective import Objective
-  from kdjax.methods.soft_targets import distillation_loss, hard_label_loss
+  from kdjax.methods.soft_targets import task_loss
   student_layers, teacher_layers = tuple(student_layers), tuple(teacher_layers)
   if len(student_layers) != len(teacher_layers) or not student_layers:
     raise ValueError(f"attention_transfer needs as many student_layers as teacher_layers (>= 1); got "
@@ -268,10 +268,7 @@ def make_objective(*, student_layers, teacher_layers, beta: float, p: float, mod
     del step
     at = attention_loss_pairs([student.features[n] for n in student_layers],
                               [teacher.features[n] for n in teacher_layers], p=p, mode=mode)
-    if alpha > 0:
-      task = distillation_loss(student.logits, teacher.logits, batch["label"], temperature=temperature,
-                               alpha=alpha, label_mask=batch["label_mask"])
-    else:
-      task = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
+    task = task_loss(student.logits, teacher.logits, batch["label"], label_mask=batch["label_mask"], alpha=alpha,
+                     temperature=temperature)
     return task + weight * at, {"attention": at}
   return Objective(fn, needs_teacher=True, student_features=student_layers, teacher_features=teacher_layers)

@@ -352,18 +352,15 @@ def make_one_stage_objective(*, guided_layer: str, hint_layer: str, regressor: s
   (batch statistics) and ReLU, matching the post-ReLU ``stageK`` hint.
   """
   from kdjax.methods.objective import Objective
-  from kdjax.methods.soft_targets import distillation_loss, hard_label_loss
+  from kdjax.methods.soft_targets import task_loss
   hint_objective = make_hint_objective(guided_layer=guided_layer, hint_layer=hint_layer, regressor=regressor,
                                        regressor_activation=regressor_activation, kernel_size=kernel_size,
                                        reduction="mean")
 
   def fn(student, teacher, batch, step, *, aux):
     hint, _ = hint_objective.fn(student, teacher, batch, step, aux=aux)
-    if alpha > 0:
-      task = distillation_loss(student.logits, teacher.logits, batch["label"], temperature=temperature,
-                               alpha=alpha, label_mask=batch["label_mask"])
-    else:
-      task = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
+    task = task_loss(student.logits, teacher.logits, batch["label"], label_mask=batch["label_mask"], alpha=alpha,
+                     temperature=temperature)
     return task + beta * hint, {"hint": hint}
   return Objective(fn, needs_teacher=True, student_features=(guided_layer,), teacher_features=(hint_layer,),
                    init_aux=hint_objective.init_aux)

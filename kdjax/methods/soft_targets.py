@@ -146,6 +146,20 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
   return alpha * soft + (1.0 - alpha) * hard
 
 
+def task_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *, label_mask: jax.Array,
+              alpha: float, temperature: float) -> jax.Array:
+  """The task term a feature-distillation method adds its own term to: ``[batch]``.
+
+  Cross-entropy on the labelled examples when ``alpha == 0`` (the teacher's logits are not used), else
+  Hinton's :func:`distillation_loss` with weight ``alpha`` on the soft term — how the AT and
+  RepDistiller codes combine their feature losses with plain training or with KD.
+  """
+  if alpha > 0:
+    return distillation_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
+                             label_mask=label_mask)
+  return hard_label_loss(student_logits, labels) * label_mask
+
+
 def default_loss_config() -> dict:
   """``config.loss`` fields of the ``soft_targets`` method (RepDistiller/AT defaults)."""
   return {"temperature": 4.0, "alpha": 0.9, "ensemble_mean": "arithmetic"}

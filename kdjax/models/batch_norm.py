@@ -50,15 +50,18 @@ def channel_sums(x: jax.Array) -> jax.Array:
   return jax.lax.platform_dependent(x2, cpu=_sums_by_dot, default=_sums_by_reduce)
 
 
+def _normalize(x, mean, inv_std, scale, bias):
+  """``(x − μ) · (γ / σ) + β`` in float32 (training and evaluation alike)."""
+  return (x.astype(jnp.float32) - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+
+
 def _forward(x, scale, bias, epsilon):
   x32 = x.astype(jnp.float32)
   positions = x32.size // x32.shape[-1]
   mean = channel_sums(x32) / positions
   var = jnp.maximum(channel_sums(x32 * x32) / positions - mean * mean, 0.0)
   inv_std = jax.lax.rsqrt(var + epsilon)
-  scale32 = scale.astype(jnp.float32)
-  y = (x32 - mean) * (inv_std * scale32) + bias.astype(jnp.float32)
-  return (y, mean, var), (x, mean, inv_std, scale)
+  return (_normalize(x32, mean, inv_std, scale, bias), mean, var), (x, mean, inv_std, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -133,9 +136,7 @@ class BatchNorm(nn.Module):
     out_dtype = self.dtype or jnp.result_type(x, scale)
 
     if use_running_average:
-      inv_std = jax.lax.rsqrt(ra_var.value + self.epsilon)
-      y = (x.astype(jnp.float32) - ra_mean.value) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-      return y.astype(out_dtype)
+      return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias).astype(out_dtype)
 
     y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():

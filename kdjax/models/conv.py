@@ -113,7 +113,7 @@ def _conv2d_bwd(strides, padding, precision, residuals, g):
     return jax.vjp(lambda x_, w_: _conv(x_, w_, strides, padding, precision), x, w)[1](g)
 
   def cpu_rule(x, w, g):
-    if tuple(w.shape[:2]) == (1, 1) and all(p == (0, 0) for p in padding):
+    if _pointwise_applies(w.shape, padding):
       return _pointwise(x, w, g, strides, precision)
     # The stride-2 3×3 case: phases for the input gradient, XLA's own filter-gradient convolution.
     d_w = jax.vjp(lambda w_: _conv(x, w_, strides, padding, precision), w)[1](g)[0]
@@ -132,10 +132,12 @@ def _stride2_applies(x_shape, w_shape, strides, padding) -> bool:
           and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0)
 
 
+def _pointwise_applies(w_shape, padding) -> bool:
+  return tuple(w_shape[:2]) == (1, 1) and all(p == (0, 0) for p in padding)
+
+
 def _fast_path(x_shape, w_shape, strides, padding) -> bool:
-  if tuple(w_shape[:2]) == (1, 1) and all(p == (0, 0) for p in padding):
-    return True
-  return _stride2_applies(x_shape, w_shape, strides, padding)
+  return _pointwise_applies(w_shape, padding) or _stride2_applies(x_shape, w_shape, strides, padding)
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,

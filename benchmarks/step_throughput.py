@@ -226,12 +226,16 @@ def summarize(cfg, matmul: float, peak: float | None) -> dict[str, Any]:
   rec.update(steps_timed=int(t.size), step_s_median=med, step_s_min=float(t.min()),
              step_s_p90=float(np.percentile(t, 90)), images_per_s=cfg.batch_size / med,
              images_per_s_best=cfg.batch_size / float(t.min()))
-  flops = rec.get("flops_per_step")
-  rec["flops_per_s"] = flops / med if flops else None
   rec["matmul_flops_per_s"] = matmul
-  rec["fraction_of_matmul"] = rec["flops_per_s"] / matmul if flops else None
-  rec["fraction_of_peak"] = rec["flops_per_s"] / peak if (flops and peak) else None
+  _set_rates(rec, rec.get("flops_per_step"), peak)
   return rec
+
+
+def _set_rates(rec: dict[str, Any], flops: float | None, peak: float | None) -> None:
+  """``flops_per_s`` and its fractions of the matmul rate and of the chip's peak, from the median step."""
+  rec["flops_per_s"] = flops / rec["step_s_median"] if flops else None
+  rec["fraction_of_matmul"] = rec["flops_per_s"] / rec["matmul_flops_per_s"] if flops else None
+  rec["fraction_of_peak"] = rec["flops_per_s"] / peak if (flops and peak) else None
 
 
 def recount_flops(path: str) -> list[dict[str, Any]]:
@@ -252,10 +256,7 @@ def recount_flops(path: str) -> list[dict[str, Any]]:
     rec["flops_per_step_as_measured"] = rec.get("flops_per_step")
     rec["flops_per_step"] = flops
     rec["flops_source"] = f"lowered (pre-optimisation HLO), recounted with jax {jax.__version__}"
-    rec["flops_per_s"] = flops / rec["step_s_median"]
-    rec["fraction_of_matmul"] = rec["flops_per_s"] / rec["matmul_flops_per_s"]
-    peak = rec.get("peak_flops_per_s")
-    rec["fraction_of_peak"] = rec["flops_per_s"] / peak if peak else None
+    _set_rates(rec, flops, rec.get("peak_flops_per_s"))
     print(f"{rec['method']:12s} {rec['mode']:12s} {rec['teacher']}->{rec['student']}: {flops / 1e9:7.1f} GFLOP/step, "
           f"{rec['flops_per_s'] / 1e12:7.2f} TFLOP/s, {100 * (rec['fraction_of_peak'] or 0):5.1f}% of peak", flush=True)
   with open(path, "w") as f:
@@ -312,8 +313,8 @@ def main(argv=None) -> list[dict[str, Any]]:
       specs.append(("student_only", "supervised", "student_only"))
     for name, method, mode in specs:
       t0 = time.perf_counter()
-      cfg = Config(name=name, method=method, teacher=teacher if mode == "live" else teacher,
-                   student=student, batch=a.batch, dtype=a.dtype, mode=mode, mesh=mesh)
+      cfg = Config(name=name, method=method, teacher=teacher, student=student, batch=a.batch, dtype=a.dtype,
+                   mode=mode, mesh=mesh)
       cfg.warmup(a.warmup)
       print(f"# built {name:12s} {mode:12s} {teacher}->{student}: {cfg.record['flops_per_step'] / 1e9:8.1f} "
             f"GFLOP/step, {time.perf_counter() - t0:5.1f} s compile+warm-up", flush=True)

@@ -1,10 +1,15 @@
-"""2-D convolution with a hand-written backward pass for the cases XLA:CPU handles slowly.
+"""2-D convolution for the CIFAR family: oneDNN's kernels on CPU, else faster gradients for two slow cases.
 
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated`` (pass it to
-``flax.linen.Conv(conv_general_dilated=...)``): the forward pass is always XLA's own convolution, and
-so are the values of both gradients; only *how* two gradients are computed changes, for the shapes
-where the profile of the CIFAR ResNet training step found XLA:CPU's transposed convolutions slow
-(``benchmarks/README.md``, 64 × 32 × 32 inputs, 2 cores):
+``flax.linen.Conv(conv_general_dilated=...)``). For a float32 NHWC/HWIO convolution without dilation or
+groups it first asks :func:`kdjax.models.onednn.use_for` — by default: a program on one CPU device with
+the oneDNN library built — and if so computes the convolution and all its derivatives with oneDNN's
+kernels (``kdjax/models/onednn.py``), the fastest CPU path measured.
+
+Otherwise (several devices, other dtypes, oneDNN turned off or unavailable) the forward pass is XLA's own
+convolution, and so are the values of both gradients; only *how* two gradients are computed changes, for
+the shapes where the profile of the CIFAR ResNet training step found XLA:CPU's transposed convolutions
+slow (``benchmarks/README.md``, 64 × 32 × 32 inputs, 2 cores):
 
 * **Input gradient of a stride-2 3×3 convolution with padding 1** (the first convolution of a ResNet
   stage). XLA expresses it as a convolution over the zero-dilated output gradient, which XLA:CPU runs
@@ -33,6 +38,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from kdjax.models import onednn
 
 __all__ = ["conv_general_dilated"]
 
@@ -143,7 +150,9 @@ def _fast_path(x_shape, w_shape, strides, padding) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
-  """``jax.lax.conv_general_dilated`` with faster gradients for two NHWC cases (see the module docstring).
+  """``jax.lax.conv_general_dilated`` on oneDNN where it applies, else with faster gradients for two NHWC cases.
+
+  See the module docstring.
 
   Same arguments and result as ``jax.lax.conv_general_dilated``.
   """
@@ -156,6 +165,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     else:
       pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    if lhs.dtype == rhs.dtype and onednn.use_for(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
+      return onednn.conv(lhs, rhs, strides, pads)
     if _fast_path(lhs.shape, rhs.shape, strides, pads):
       return _conv2d(lhs, rhs, strides, pads, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

@@ -1,0 +1,322 @@
+"""oneDNN convolutions inside jitted JAX programs on CPU (XLA FFI custom calls).
+
+XLA:CPU computes convolutions and their two gradients with Eigen. On the CIFAR ResNet layers of the
+KD benchmark (batch 64, 2 cores) oneDNN — the library behind PyTorch's CPU convolutions — is 1.2–1.9×
+faster on 3×3 forward and input-gradient passes, 1.7× on 3×3 filter gradients and 3–7× on 1×1 filter
+gradients (``benchmarks/conv_layers.py --framework onednn``), which is what kept kdjax's KD step below
+PyTorch's eager one (issue 3). This module puts oneDNN's kernels inside the XLA program:
+
+* ``onednn_conv.cc`` (beside this file) defines three XLA FFI handlers — forward, backward-data and
+  backward-weights convolution, float32, NHWC activations, HWIO kernels, any strides and explicit
+  paddings — and caches one oneDNN primitive per shape.
+* It is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``) against jaxlib's FFI
+  headers and the ``onednn-cpu-gomp``/``onednn-devel-cpu-gomp`` wheels (kdjax's dependencies on Linux
+  x86-64), into ``$KDJAX_CACHE_DIR`` (default ``~/.cache/kdjax``), keyed by the source and versions, so
+  it is built once per machine (about 5 s).
+* :func:`conv` and the two gradient functions form a closed set of ``jax.custom_vjp`` functions — the
+  derivative of each is a combination of the others — so gradients of any order (gradient-based
+  attention transfer differentiates through the input gradient) run on oneDNN too. ``jax.jvp`` is not
+  available, as for any ``custom_vjp`` function. Under ``vmap`` the calls run one batch element after
+  another.
+
+:func:`kdjax.models.conv.conv_general_dilated` (the convolution of the CIFAR family) calls it when
+:func:`use_for` says so: policy ``auto`` (the default) uses oneDNN for float32 NHWC convolutions when
+the program runs on a single CPU device. With several devices, a custom call inside a sharded program
+would be replicated rather than split by XLA's partitioner, so there XLA's own convolutions stay
+(several *host* devices on one CPU are a testing setup; they were also slower than one device using
+every core). ``KDJAX_ONEDNN=0`` (or ``policy("off")``) turns it off; ``KDJAX_ONEDNN=1`` forces it,
+raising if it cannot be built. Where it cannot be built under ``auto`` (no compiler, no oneDNN wheel,
+another platform) kdjax warns once and uses XLA's convolutions; :func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+__all__ = ["available", "conv", "conv_backward_data", "conv_backward_weights", "policy", "status", "use_for"]
+
+_SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+_HANDLERS = {"kdjax_onednn_conv_forward": "KdjaxOnednnConvForward",
+             "kdjax_onednn_conv_backward_data": "KdjaxOnednnConvBackwardData",
+             "kdjax_onednn_conv_backward_weights": "KdjaxOnednnConvBackwardWeights"}
+_POLICIES = ("auto", "on", "off")
+_ENV_POLICY = {"": "auto", "auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off",
+               "false": "off"}
+
+
+class OnednnUnavailableError(RuntimeError):
+  """oneDNN convolutions were required (``KDJAX_ONEDNN=1`` or ``policy("on")``) but cannot be built."""
+
+
+# ------------------------------------------------------------------ building and loading
+
+
+def _dist_file(distribution: str, suffix: str) -> pathlib.Path | None:
+  from importlib import metadata
+  try:
+    files = metadata.files(distribution) or []
+  except metadata.PackageNotFoundError:
+    return None
+  for f in files:
+    if str(f).replace(os.sep, "/").endswith(suffix):
+      path = pathlib.Path(f.locate()).resolve()
+      if path.exists():
+        return path
+  return None
+
+
+def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
+  """(include directory, ``libdnnl.so.3``) from ``$KDJAX_ONEDNN_ROOT`` or the oneDNN wheels."""
+  root = os.environ.get("KDJAX_ONEDNN_ROOT")
+  if root:
+    include, library = pathlib.Path(root, "include"), pathlib.Path(root, "lib", "libdnnl.so.3")
+  else:
+    header = _dist_file("onednn-devel-cpu-gomp", "/oneapi/dnnl/dnnl.hpp")
+    library = _dist_file("onednn-cpu-gomp", "/libdnnl.so.3")
+    if header is None or library is None:
+      missing = [d for d, f in (("onednn-devel-cpu-gomp", header), ("onednn-cpu-gomp", library)) if f is None]
+      raise OnednnUnavailableError(f"the oneDNN wheels are not installed (missing: {', '.join(missing)}; "
+                                   "`pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0`, "
+                                   "or set KDJAX_ONEDNN_ROOT to a oneDNN 3.x install with include/ and lib/)")
+    include = header.parents[2]
+  if not (include / "oneapi" / "dnnl" / "dnnl.hpp").exists() or not library.exists():
+    raise OnednnUnavailableError(f"no oneDNN headers under {include} or no library at {library}")
+  return include, library
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("KDJAX_CACHE_DIR")
+  if not root:
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kdjax")
+  return pathlib.Path(root) / "onednn"
+
+
+def _build() -> pathlib.Path:
+  """Compiles ``onednn_conv.cc`` (once per source, compiler, jaxlib and oneDNN) and returns the library."""
+  if not sys.platform.startswith("linux"):
+    raise OnednnUnavailableError(f"oneDNN convolutions are built on Linux only (this is {sys.platform})")
+  include, library = _find_onednn()
+  cxx = os.environ.get("CXX") or "c++"
+  if shutil.which(cxx) is None:
+    raise OnednnUnavailableError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
+  jax_include = pathlib.Path(jax.ffi.include_dir())
+  command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", str(_SOURCE), f"-I{jax_include}", f"-I{include}",
+             str(library), f"-Wl,-rpath,{library.parent}"]
+  from importlib.metadata import version
+  key = hashlib.sha256("\0".join([_SOURCE.read_text(), version("jaxlib"), str(library), *command]).encode())
+  target = _cache_dir() / f"libkdjax_onednn_{key.hexdigest()[:16]}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: concurrent builders (pytest-xdist workers) never see half a file.
+  fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  os.close(fd)
+  try:
+    done = subprocess.run([*command[:6], "-o", partial, *command[6:]], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+      tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+      raise OnednnUnavailableError(f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{tail}")
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return target
+
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def _load() -> None:
+  """Builds, loads and registers the handlers once per process; raises OnednnUnavailableError."""
+  with _lock:
+    if "error" in _loaded:
+      raise _loaded["error"]
+    if "library" in _loaded:
+      return
+    try:
+      path = _build()
+      library = ctypes.CDLL(str(path))
+      for target, symbol in _HANDLERS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+      version = library.KdjaxOnednnVersion()
+    except OnednnUnavailableError as e:
+      _loaded["error"] = e
+      raise
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+      _loaded["error"] = OnednnUnavailableError(f"loading the oneDNN convolutions failed: {e}")
+      raise _loaded["error"] from e
+    _loaded["library"] = library
+    _loaded["path"] = path
+    _loaded["version"] = f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+
+
+def available() -> bool:
+  """Whether the oneDNN convolutions can be used in this process (builds them on the first call)."""
+  try:
+    _load()
+  except OnednnUnavailableError:
+    return False
+  return True
+
+
+def status() -> dict[str, str | None]:
+  """The policy in force, and the built library and oneDNN version or why there is none."""
+  ok = available()
+  return {"policy": _current_policy(), "library": str(_loaded.get("path")) if ok else None,
+          "onednn_version": _loaded.get("version") if ok else None,
+          "unavailable_because": None if ok else str(_loaded["error"])}
+
+
+# ------------------------------------------------------------------ when to use it
+
+_policy_override: list[str] = []
+
+
+def _current_policy() -> str:
+  if _policy_override:
+    return _policy_override[-1]
+  raw = os.environ.get("KDJAX_ONEDNN", "").strip().lower()
+  if raw not in _ENV_POLICY:
+    raise ValueError(f"KDJAX_ONEDNN={raw!r}: expected one of auto, 1/on, 0/off")
+  return _ENV_POLICY[raw]
+
+
+@contextlib.contextmanager
+def policy(mode: str) -> Iterator[None]:
+  """Within the block, functions *traced* there use oneDNN per ``mode``: ``auto``, ``on`` or ``off``.
+
+  It acts at trace time: a function jitted and traced before the block keeps what it was traced with.
+  """
+  if mode not in _POLICIES:
+    raise ValueError(f"oneDNN policy {mode!r}: expected one of {', '.join(_POLICIES)}")
+  _policy_override.append(mode)
+  try:
+    yield
+  finally:
+    _policy_override.pop()
+
+
+_warned: list[bool] = []
+
+
+def use_for(x_shape, w_shape, strides, padding, dtype) -> bool:
+  """Whether a convolution traced now, with these shapes (NHWC/HWIO) and dtype, goes to oneDNN."""
+  mode = _current_policy()
+  if mode == "off":
+    return False
+  shape_ok = (len(x_shape) == 4 and len(w_shape) == 4 and x_shape[3] == w_shape[2]
+              and np.dtype(dtype) == np.float32 and min(*x_shape, *w_shape) > 0
+              and all(p >= 0 for pair in padding for p in pair)
+              and all(o > 0 for o in _output_hw(x_shape, w_shape, strides, padding)))
+  if mode == "auto":
+    devices = jax.devices()
+    if not (shape_ok and len(devices) == 1 and devices[0].platform == "cpu"):
+      return False
+    if not available():
+      if not _warned:
+        _warned.append(True)
+        warnings.warn(f"kdjax: using XLA's CPU convolutions, not oneDNN's: {_loaded['error']}", stacklevel=3)
+      return False
+    return True
+  if not shape_ok:
+    return False
+  _load()  # "on": raise if it cannot be built
+  return True
+
+
+# ------------------------------------------------------------------ the three convolutions
+
+
+def _output_hw(x_shape, w_shape, strides, padding) -> tuple[int, int]:
+  return tuple((x_shape[1 + i] + padding[i][0] + padding[i][1] - w_shape[i]) // strides[i] + 1 for i in range(2))
+
+
+def _call(target: str, shape, dtype, a, b, strides, padding):
+  (pt, pb), (pl, pr) = padding
+  attrs = {"sh": strides[0], "sw": strides[1], "pt": pt, "pb": pb, "pl": pl, "pr": pr}
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")
+  return call(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]):
+  """``lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``.
+
+  Args:
+    x: [N, H, W, C] float32 input.
+    w: [KH, KW, C, O] float32 kernel.
+    strides: (row, column) strides.
+    padding: ((top, bottom), (left, right)) zero padding, non-negative.
+
+  Returns:
+    [N, OH, OW, O] float32, ``OH = (H + top + bottom − KH) // row_stride + 1`` (likewise OW).
+  """
+  oh, ow = _output_hw(x.shape, w.shape, strides, padding)
+  return _call("kdjax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), x.dtype, x, w, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_backward_data(g, w, x_shape: tuple[int, ...], strides, padding):
+  """The input gradient of :func:`conv`: ``∂/∂x Σ conv(x, w) · g`` for an input of shape ``x_shape``."""
+  return _call("kdjax_onednn_conv_backward_data", tuple(x_shape), g.dtype, g, w, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_backward_weights(x, g, w_shape: tuple[int, ...], strides, padding):
+  """The kernel gradient of :func:`conv`: ``∂/∂w Σ conv(x, w) · g`` for a kernel of shape ``w_shape``."""
+  return _call("kdjax_onednn_conv_backward_weights", tuple(w_shape), x.dtype, x, g, strides, padding)
+
+
+# Each function is bilinear, so each derivative is another of the three (c is the incoming cotangent):
+#   conv(x, w):               ∂x = backward_data(c, w),    ∂w = backward_weights(x, c)
+#   backward_data(g, w):      ∂g = conv(c, w),             ∂w = backward_weights(c, g)
+#   backward_weights(x, g):   ∂x = backward_data(g, c),    ∂g = conv(x, c)
+
+
+def _conv_fwd(x, w, strides, padding):
+  return conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, c):
+  x, w = residuals
+  return (conv_backward_data(c, w, x.shape, strides, padding),
+          conv_backward_weights(x, c, w.shape, strides, padding))
+
+
+def _data_fwd(g, w, x_shape, strides, padding):
+  return conv_backward_data(g, w, x_shape, strides, padding), (g, w)
+
+
+def _data_bwd(x_shape, strides, padding, residuals, c):
+  g, w = residuals
+  return conv(c, w, strides, padding), conv_backward_weights(c, g, w.shape, strides, padding)
+
+
+def _weights_fwd(x, g, w_shape, strides, padding):
+  return conv_backward_weights(x, g, w_shape, strides, padding), (x, g)
+
+
+def _weights_bwd(w_shape, strides, padding, residuals, c):
+  x, g = residuals
+  return conv_backward_data(g, c, x.shape, strides, padding), conv(x, c, strides, padding)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+conv_backward_data.defvjp(_data_fwd, _data_bwd)
+conv_backward_weights.defvjp(_weights_fwd, _weights_bwd)

@@ -3,11 +3,12 @@
 The profile behind ``benchmarks/README.md`` ("Where the time goes on CPU") compared these layer by layer
 between XLA:CPU and PyTorch's oneDNN. Batch 64, NHWC in JAX and NCHW in PyTorch, median of 12 calls each::
 
-  python benchmarks/conv_layers.py                                   # JAX: lax's gradients and kdjax's
+  python benchmarks/conv_layers.py                                   # JAX: lax, kdjax's XLA path, oneDNN
   /work/torchvenv/bin/python benchmarks/conv_layers.py --framework torch
 
-In JAX each gradient is timed twice: as ``jax.lax`` computes it, and through
-``kdjax.models.conv.conv_general_dilated`` (which differs only for 1×1 and stride-2 3×3 layers).
+In JAX each pass is timed three ways: ``lax`` (XLA's own), ``xla`` (``kdjax.models.conv.conv_general_dilated``
+with oneDNN off: XLA's forward, rewritten gradients for 1×1 and stride-2 3×3 layers) and ``onednn``
+(the same function with oneDNN's kernels, ``kdjax.models.onednn``; kdjax's default on one CPU device).
 """
 
 from __future__ import annotations
@@ -36,18 +37,25 @@ def jax_rows():
   from jax import lax
 
   import kdjax  # noqa: F401 - applies kdjax's XLA:CPU flag before the backend starts
+  from kdjax.models import onednn
   from kdjax.models.conv import conv_general_dilated
 
+  # lax: XLA's own gradients; xla: kdjax's XLA path (rewritten 1x1 and stride-2 gradients, used with several
+  # devices or oneDNN off); onednn: the default on one CPU device (kdjax.models.onednn).
+  variants = (("lax", lax.conv_general_dilated, "off"), ("xla", conv_general_dilated, "off"),
+              ("onednn", conv_general_dilated, "on"))
   for cin, cout, size, k, s in LAYERS:
     x = jax.random.normal(jax.random.key(0), (BATCH, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
     pad = ((k // 2, k // 2),) * 2
     times = {}
-    for label, fn in (("lax", lax.conv_general_dilated), ("kdjax", conv_general_dilated)):
-      conv = jax.jit(lambda x, w, fn=fn: fn(x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
-      g = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, w).shape)
-      dx = jax.jit(lambda w, g, conv=conv: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
-      dw = jax.jit(lambda x, g, conv=conv: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
+    for label, fn, policy in variants:
+      with onednn.policy(policy):  # decides at trace time: trace (first call) inside the block
+        conv = jax.jit(lambda x, w, fn=fn: fn(x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        g = jax.random.normal(jax.random.key(2), jax.eval_shape(conv, x, w).shape)
+        dx = jax.jit(lambda w, g, conv=conv: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
+        dw = jax.jit(lambda x, g, conv=conv: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
+        jax.block_until_ready((conv(x, w), dx(w, g), dw(x, g)))
       times[f"fwd_{label}"] = median_ms(lambda: conv(x, w).block_until_ready())
       times[f"dx_{label}"] = median_ms(lambda: dx(w, g).block_until_ready())
       times[f"dw_{label}"] = median_ms(lambda: dw(x, g).block_until_ready())

@@ -32,6 +32,7 @@ another platform) kdjax warns once and uses XLA's convolutions; :func:`status` s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -115,10 +116,10 @@ def _build() -> pathlib.Path:
   if shutil.which(cxx) is None:
     raise OnednnUnavailableError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
   jax_include = pathlib.Path(jax.ffi.include_dir())
-  command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", str(_SOURCE), f"-I{jax_include}", f"-I{include}",
-             str(library), f"-Wl,-rpath,{library.parent}"]
+  flags = ["-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax_include}", f"-I{include}"]
+  link = [str(library), f"-Wl,-rpath,{library.parent}"]  # found again at load time through the rpath
   from importlib.metadata import version
-  key = hashlib.sha256("\0".join([_SOURCE.read_text(), version("jaxlib"), str(library), *command]).encode())
+  key = hashlib.sha256("\0".join([_SOURCE.read_text(), version("jaxlib"), cxx, *flags, *link]).encode())
   target = _cache_dir() / f"libkdjax_onednn_{key.hexdigest()[:16]}.so"
   if target.exists():
     return target
@@ -127,7 +128,8 @@ def _build() -> pathlib.Path:
   fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   try:
-    done = subprocess.run([*command[:6], "-o", partial, *command[6:]], capture_output=True, text=True, timeout=600)
+    command = [cxx, *flags, str(_SOURCE), "-o", partial, *link]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
       tail = "\n".join(done.stderr.strip().splitlines()[-15:])
       raise OnednnUnavailableError(f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{tail}")
@@ -185,12 +187,13 @@ def status() -> dict[str, str | None]:
 
 # ------------------------------------------------------------------ when to use it
 
-_policy_override: list[str] = []
+# Set by ``policy(...)``; a context variable, so threads and async tasks each see their own.
+_policy_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdjax_onednn_policy", default=None)
 
 
 def _current_policy() -> str:
-  if _policy_override:
-    return _policy_override[-1]
+  if _policy_override.get() is not None:
+    return _policy_override.get()
   raw = os.environ.get("KDJAX_ONEDNN", "").strip().lower()
   if raw not in _ENV_POLICY:
     raise ValueError(f"KDJAX_ONEDNN={raw!r}: expected one of auto, 1/on, 0/off")
@@ -205,11 +208,11 @@ def policy(mode: str) -> Iterator[None]:
   """
   if mode not in _POLICIES:
     raise ValueError(f"oneDNN policy {mode!r}: expected one of {', '.join(_POLICIES)}")
-  _policy_override.append(mode)
+  token = _policy_override.set(mode)
   try:
     yield
   finally:
-    _policy_override.pop()
+    _policy_override.reset(token)
 
 
 _warned: list[bool] = []

@@ -3,7 +3,8 @@
 For each method and (teacher, student) pair this builds the library's real step
 (:func:`kdjax.train.make_train_step`, ``jax.jit`` with the state donated, on a ``("data",)`` mesh over
 every device), excludes compilation and warm-up, and measures images/s and achieved FLOP/s (FLOPs per
-step from XLA's cost analysis of the compiled step). A large matmul timed on the same device gives the
+step from XLA's cost analysis of the compiled step, or of the lowered step where custom calls — oneDNN
+convolutions on CPU, cuDNN on GPU — hide convolutions from it). A large matmul timed on the same device gives the
 reference FLOP/s; each step's FLOP/s is reported as a fraction of it (and of the chip's peak where known).
 
 All configurations are compiled and warmed up first, then timed in interleaved rounds (round-robin, a few

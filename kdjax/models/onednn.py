@@ -1,10 +1,11 @@
 """oneDNN convolutions inside jitted JAX programs on CPU (XLA FFI custom calls).
 
 XLA:CPU computes convolutions and their two gradients with Eigen. On the CIFAR ResNet layers of the
-KD benchmark (batch 64, 2 cores) oneDNN — the library behind PyTorch's CPU convolutions — is 1.2–1.9×
-faster on 3×3 forward and input-gradient passes, 1.7× on 3×3 filter gradients and 3–7× on 1×1 filter
-gradients (``benchmarks/conv_layers.py --framework onednn``), which is what kept kdjax's KD step below
-PyTorch's eager one (issue 3). This module puts oneDNN's kernels inside the XLA program:
+KD benchmark (batch 64, 2 cores, ``python benchmarks/conv_layers.py``) oneDNN — the library behind
+PyTorch's CPU convolutions — is faster on every 3×3 pass (forward and input gradient 1.2–1.6×, stride-2
+input gradient 3.8×, filter gradient 1.1–1.9×) and on 1×1 filter gradients (2.5–5×), a little slower on
+1×1 forward and input-gradient passes (by up to 2 ms); that kept kdjax's KD step below PyTorch's eager one
+(issue 3). This module puts oneDNN's kernels inside the XLA program:
 
 * ``onednn_conv.cc`` (beside this file) defines three XLA FFI handlers — forward, backward-data and
   backward-weights convolution, float32, NHWC activations, HWIO kernels, any strides and explicit

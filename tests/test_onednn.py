@@ -94,6 +94,21 @@ def test_conv_equals_lax_in_values_and_first_and_second_derivatives(need_onednn,
   _close(second_ours, jax.grad(second(ref), (0, 1))(x, w), rtol=1e-3, atol=1e-3)
 
 
+def test_rectangular_kernels_and_unequal_strides(need_onednn):
+  """Inception's 1×7 / 7×1 factorised kernels, and a stride that differs between rows and columns."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
+  for kernel, strides, padding in (((1, 7), (1, 1), ((0, 0), (3, 3))), ((7, 1), (2, 1), ((3, 3), (0, 0)))):
+    w = jax.random.normal(jax.random.key(1), (*kernel, 3, 4))
+    ours = lambda x, w, s=strides, p=padding: conv_general_dilated(x, w, s, p, dimension_numbers=NHWC)
+    ref = lambda x, w, s=strides, p=padding: lax.conv_general_dilated(x, w, s, p, dimension_numbers=NHWC)
+    with onednn.policy("on"):
+      y, vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
+    y_ref, vjp_ref = jax.vjp(ref, x, w)
+    _close(y, y_ref)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    _close(vjp(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
+
+
 def test_gradient_functions_are_each_others_derivatives(need_onednn):
   """The backward-data and backward-weights calls, differentiated directly, against lax's transposes."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
@@ -205,3 +220,23 @@ def test_gradient_attention_through_a_resnet_equals_xla(need_onednn):
   with onednn.policy("on"):
     got = jax.jit(jax.grad(loss))(student["params"])
   _close(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "inception_v3"])
+def test_zoo_model_gradients_with_onednn_equal_xla(need_onednn, name):
+  """The zoo's convolutions go through the same function: 7×7 stride-2 stems, 1×7/7×1 kernels, biases."""
+  net = models.get(name, num_classes=5)
+  size = 75 if name == "inception_v3" else 32
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  variables = net.init(jax.random.key(1), x[:1], train=False)
+
+  def loss(params):
+    logits = net.apply({**variables, "params": params}, x, train=False)
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return jnp.sum(jnp.sin(logits))
+
+  want = jax.jit(jax.grad(loss))(variables["params"])
+  with onednn.policy("on"):
+    assert "kdjax_onednn" in jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+    got = jax.jit(jax.grad(loss))(variables["params"])
+  _close(got, want, rtol=2e-3, atol=1e-4)

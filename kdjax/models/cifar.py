@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.models.batch_norm import BatchNorm
-from kdjax.models.conv import conv_general_dilated
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 
@@ -63,13 +63,13 @@ def _conv3x3(features: int, strides: int = 1, *, use_bias: bool = False, name: s
   # Explicit padding 1 (PyTorch's ``padding=1``), not "SAME": for a stride-2 conv on an even
   # input, "SAME" pads only at the bottom/right and would shift every window by one pixel
   # relative to the PyTorch reference.
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                 use_bias=use_bias, kernel_init=_conv_init, conv_general_dilated=conv_general_dilated, name=name)
+  return Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+                 use_bias=use_bias, kernel_init=_conv_init, name=name)
 
 
 def _conv1x1(features: int, strides: int = 1, *, name: str) -> nn.Conv:
-  return nn.Conv(features, (1, 1), strides=(strides, strides), padding="VALID", use_bias=False,
-                 kernel_init=_conv_init, conv_general_dilated=conv_general_dilated, name=name)
+  return Conv(features, (1, 1), strides=(strides, strides), padding="VALID", use_bias=False,
+                 kernel_init=_conv_init, name=name)
 
 
 def _check_nhwc(model: nn.Module, x: jax.Array) -> None:

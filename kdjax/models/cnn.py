@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from kdjax.models.batch_norm import BatchNorm
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 
@@ -29,7 +30,7 @@ class SmallCNN(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"SmallCNN expects NHWC input [batch, H, W, C]; got shape {x.shape}")
     for i, width in enumerate(self.channels):
-      x = nn.Conv(width, (3, 3), padding="SAME", use_bias=not self.use_batchnorm, name=f"conv_{i}")(x)
+      x = Conv(width, (3, 3), padding="SAME", use_bias=not self.use_batchnorm, name=f"conv_{i}")(x)
       if self.use_batchnorm:
         x = BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{i}")(x)
       x = nn.relu(x)

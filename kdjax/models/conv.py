@@ -35,13 +35,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from kdjax.models import onednn
 
-__all__ = ["conv_general_dilated"]
+__all__ = ["Conv", "conv_general_dilated"]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -173,3 +174,12 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                                   precision=precision, preferred_element_type=preferred_element_type)
+
+
+def Conv(*args, **kwargs) -> nn.Conv:  # noqa: N802 - stands in for the class flax.linen.Conv
+  """``flax.linen.Conv(...)`` computing with :func:`conv_general_dilated`: every kdjax model's convolution.
+
+  The same module (class, parameter names, auto-names ``Conv_0``…), so parameter trees and checkpoints are
+  those of ``nn.Conv``; grouped or dilated convolutions fall through to ``lax`` as the function does.
+  """
+  return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)

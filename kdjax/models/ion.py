@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 from kdjax.models.server import VGG16_STAGES
@@ -102,12 +103,12 @@ class IRNNContext(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     # Input-to-hidden transition, shared by the four directions ("4x copy" in Fig. 3).
-    h = nn.Conv(self.hidden, (1, 1), kernel_init=conv_init, name="input_to_hidden1")(x)
+    h = Conv(self.hidden, (1, 1), kernel_init=conv_init, name="input_to_hidden1")(x)
     h = FourDirectionIRNN(self.learn_recurrence, name="irnn1")(h)
     # One 1x1 conv plays the first IRNN's hidden-to-output and the second's input-to-hidden.
-    h = nn.Conv(self.hidden, (1, 1), kernel_init=conv_init, name="input_to_hidden2")(h)
+    h = Conv(self.hidden, (1, 1), kernel_init=conv_init, name="input_to_hidden2")(h)
     h = FourDirectionIRNN(self.learn_recurrence, name="irnn2")(h)
-    return nn.relu(nn.Conv(self.features, (1, 1), kernel_init=conv_init,
+    return nn.relu(Conv(self.features, (1, 1), kernel_init=conv_init,
                            name="hidden_to_output")(h))
 
 
@@ -143,7 +144,7 @@ class ION(nn.Module):
       if i > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for j, width in enumerate(widths):
-        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
+        x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
                             name=f"conv{i + 1}_{j + 1}")(x))
       maps[f"stage{i + 1}"] = x
       sow_feature(self, f"stage{i + 1}", x)
@@ -160,7 +161,7 @@ class ION(nn.Module):
     x = jnp.concatenate(pooled, axis=-1)
     scale = self.param("skip_scale", nn.initializers.constant(self.skip_scale_init),
                        (x.shape[-1],))
-    x = nn.Conv(self.fused_channels, (1, 1), kernel_init=conv_init, name="skip_fuse")(x * scale)
+    x = Conv(self.fused_channels, (1, 1), kernel_init=conv_init, name="skip_fuse")(x * scale)
     sow_feature(self, "pooled", x)
 
     return vgg_fc_head(self, x, fc_features=self.fc_features, num_classes=self.num_classes, dropout=self.dropout,

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 
@@ -48,7 +49,7 @@ class Maxout(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    z = nn.Conv(self.features * self.pieces, tuple(self.kernel_size), strides=tuple(self.strides),
+    z = Conv(self.features * self.pieces, tuple(self.kernel_size), strides=tuple(self.strides),
                 padding=self.padding, use_bias=self.use_bias, kernel_init=self.kernel_init,
                 name="conv")(x)
     return maxout_pieces(z, self.pieces)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 from kdjax.models.registry import register
 from kdjax.models.zoo_layers import (
@@ -65,7 +66,7 @@ class VGG(nn.Module):
       if i > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for j, width in enumerate(widths):
-        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
+        x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
                             name=f"conv{i + 1}_{j + 1}")(x))
       sow_feature(self, f"stage{i + 1}", x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2)) if min(x.shape[1:3]) >= 2 else x
@@ -225,10 +226,10 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     y = nn.relu(batch_norm(train, name="norm1")(x))
-    y = nn.Conv(self.bn_size * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
+    y = Conv(self.bn_size * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
                 name="conv1")(y)
     y = nn.relu(batch_norm(train, name="norm2")(y))
-    y = nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+    y = Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=conv_init, name="conv2")(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
@@ -263,7 +264,7 @@ class DenseNet(nn.Module):
       if i < len(self.block_config) - 1:
         sow_feature(self, f"stage{i + 1}", x)
         x = nn.relu(batch_norm(train, name=f"transition{i + 1}_norm")(x))
-        x = nn.Conv(int(x.shape[-1] * self.compression), (1, 1), use_bias=False,
+        x = Conv(int(x.shape[-1] * self.compression), (1, 1), use_bias=False,
                     kernel_init=conv_init, name=f"transition{i + 1}_conv")(x)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = nn.relu(batch_norm(train, name="norm5")(x))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.models.batch_norm import BatchNorm
+from kdjax.models.conv import Conv
 from kdjax.models.features import sow_feature
 
 # He-normal over fan-out: what torchvision uses for the convolutions of ResNet, VGG,
@@ -88,7 +89,7 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = torch_padding(self.kernel) if self.padding is None else self.padding
-    x = nn.Conv(self.features, self.kernel, strides=strides, padding=padding,
+    x = Conv(self.features, self.kernel, strides=strides, padding=padding,
                 feature_group_count=self.groups, use_bias=False, kernel_init=conv_init,
                 name="conv")(x)
     scale_init = nn.initializers.zeros if self.zero_init_bn else nn.initializers.ones

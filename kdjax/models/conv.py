@@ -1,4 +1,4 @@
-"""2-D convolution for the CIFAR family: oneDNN's kernels on CPU, else faster gradients for two slow cases.
+"""2-D convolution of kdjax's models: oneDNN's kernels on CPU, else faster gradients for two slow cases.
 
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated`` (pass it to
 ``flax.linen.Conv(conv_general_dilated=...)``). For a float32 NHWC/HWIO convolution without dilation or

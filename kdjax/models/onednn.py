@@ -20,7 +20,7 @@ input gradient 3.8×, filter gradient 1.1–1.9×) and on 1×1 filter gradients 
   available, as for any ``custom_vjp`` function. Under ``vmap`` the calls run one batch element after
   another.
 
-:func:`kdjax.models.conv.conv_general_dilated` (the convolution of the CIFAR family) calls it when
+:func:`kdjax.models.conv.conv_general_dilated` (every kdjax model's convolution) calls it when
 :func:`use_for` says so: policy ``auto`` (the default) uses oneDNN for float32 NHWC convolutions when
 the program runs on a single CPU device. With several devices, a custom call inside a sharded program
 would be replicated rather than split by XLA's partitioner, so there XLA's own convolutions stay

@@ -64,12 +64,12 @@ def _conv3x3(features: int, strides: int = 1, *, use_bias: bool = False, name: s
   # input, "SAME" pads only at the bottom/right and would shift every window by one pixel
   # relative to the PyTorch reference.
   return Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                 use_bias=use_bias, kernel_init=_conv_init, name=name)
+              use_bias=use_bias, kernel_init=_conv_init, name=name)
 
 
 def _conv1x1(features: int, strides: int = 1, *, name: str) -> nn.Conv:
   return Conv(features, (1, 1), strides=(strides, strides), padding="VALID", use_bias=False,
-                 kernel_init=_conv_init, name=name)
+              kernel_init=_conv_init, name=name)
 
 
 def _check_nhwc(model: nn.Module, x: jax.Array) -> None:

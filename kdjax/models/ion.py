@@ -109,7 +109,7 @@ class IRNNContext(nn.Module):
     h = Conv(self.hidden, (1, 1), kernel_init=conv_init, name="input_to_hidden2")(h)
     h = FourDirectionIRNN(self.learn_recurrence, name="irnn2")(h)
     return nn.relu(Conv(self.features, (1, 1), kernel_init=conv_init,
-                           name="hidden_to_output")(h))
+                        name="hidden_to_output")(h))
 
 
 class ION(nn.Module):
@@ -145,7 +145,7 @@ class ION(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for j, width in enumerate(widths):
         x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                            name=f"conv{i + 1}_{j + 1}")(x))
+                         name=f"conv{i + 1}_{j + 1}")(x))
       maps[f"stage{i + 1}"] = x
       sow_feature(self, f"stage{i + 1}", x)
     context = IRNNContext(self.context_hidden, VGG16_STAGES[-1][-1], self.learn_recurrence,

@@ -50,8 +50,8 @@ class Maxout(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     z = Conv(self.features * self.pieces, tuple(self.kernel_size), strides=tuple(self.strides),
-                padding=self.padding, use_bias=self.use_bias, kernel_init=self.kernel_init,
-                name="conv")(x)
+             padding=self.padding, use_bias=self.use_bias, kernel_init=self.kernel_init,
+             name="conv")(x)
     return maxout_pieces(z, self.pieces)
 
 

@@ -67,7 +67,7 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for j, width in enumerate(widths):
         x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                            name=f"conv{i + 1}_{j + 1}")(x))
+                         name=f"conv{i + 1}_{j + 1}")(x))
       sow_feature(self, f"stage{i + 1}", x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2)) if min(x.shape[1:3]) >= 2 else x
     x = adaptive_pool(x, (7, 7))
@@ -227,10 +227,10 @@ class DenseLayer(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     y = nn.relu(batch_norm(train, name="norm1")(x))
     y = Conv(self.bn_size * self.growth_rate, (1, 1), use_bias=False, kernel_init=conv_init,
-                name="conv1")(y)
+             name="conv1")(y)
     y = nn.relu(batch_norm(train, name="norm2")(y))
     y = Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, name="conv2")(y)
+             kernel_init=conv_init, name="conv2")(y)
     return nn.Dropout(self.drop_rate, deterministic=not train)(y)
 
 
@@ -265,7 +265,7 @@ class DenseNet(nn.Module):
         sow_feature(self, f"stage{i + 1}", x)
         x = nn.relu(batch_norm(train, name=f"transition{i + 1}_norm")(x))
         x = Conv(int(x.shape[-1] * self.compression), (1, 1), use_bias=False,
-                    kernel_init=conv_init, name=f"transition{i + 1}_conv")(x)
+                 kernel_init=conv_init, name=f"transition{i + 1}_conv")(x)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = nn.relu(batch_norm(train, name="norm5")(x))
     sow_feature(self, f"stage{len(self.block_config)}", x)

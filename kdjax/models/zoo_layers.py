@@ -43,7 +43,7 @@ def batch_norm(train: bool, *, epsilon: float = 1e-5, name: str | None = None,
                scale_init: Callable = nn.initializers.ones) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there = 0.9 here, ``epsilon`` 1e-5)."""
   return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=epsilon,
-                      scale_init=scale_init, name=name)
+                   scale_init=scale_init, name=name)
 
 
 class PReLU(nn.Module):
@@ -90,8 +90,8 @@ class ConvBN(nn.Module):
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = torch_padding(self.kernel) if self.padding is None else self.padding
     x = Conv(self.features, self.kernel, strides=strides, padding=padding,
-                feature_group_count=self.groups, use_bias=False, kernel_init=conv_init,
-                name="conv")(x)
+             feature_group_count=self.groups, use_bias=False, kernel_init=conv_init,
+             name="conv")(x)
     scale_init = nn.initializers.zeros if self.zero_init_bn else nn.initializers.ones
     x = batch_norm(train, epsilon=self.bn_epsilon, scale_init=scale_init, name="bn")(x)
     if self.act == "prelu":

@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -23,6 +24,14 @@ def load_golden(name: str) -> dict[str, np.ndarray]:
     pytest.skip(f"golden reference file {path} is absent (it lives in ../shared/golden beside the repo)")
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
+
+
+def assert_trees_close(a, b, *, rtol=1e-5, atol=1e-5) -> None:
+  """Leaf-by-leaf ``assert_allclose`` (in float64) of two pytrees with the same structure."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b), f"{len(leaves_a)} leaves against {len(leaves_b)}"
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
 def assert_pairs_match_golden(g: dict[str, np.ndarray], per_pair, loss, grads) -> None:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_close
 from jax import lax
 
 from kdjax import parallel
@@ -14,11 +15,6 @@ from kdjax.models.batch_norm import BatchNorm, batch_norm_train, channel_sums
 from kdjax.models.conv import conv_general_dilated
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _close(a, b, rtol=1e-5, atol=1e-5):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -32,8 +28,8 @@ def _bn_inputs():
 
 def test_channel_sums_equal_jnp_sum():
   x = jax.random.normal(jax.random.key(1), (3, 4, 5, 6))
-  _close(channel_sums(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
-  _close(jax.jit(channel_sums)(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
+  assert_trees_close(channel_sums(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
+  assert_trees_close(jax.jit(channel_sums)(x), jnp.sum(x, axis=(0, 1, 2)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -45,14 +41,14 @@ def test_batch_norm_matches_flax(train):
       jnp.shape, flax_bn.init(jax.random.key(0), x))
   y_ours, new_ours = ours.apply(variables, x, mutable=["batch_stats"])
   y_flax, new_flax = flax_bn.apply(variables, x, mutable=["batch_stats"])
-  _close(y_ours, y_flax)
-  _close(new_ours, new_flax)
+  assert_trees_close(y_ours, y_flax)
+  assert_trees_close(new_ours, new_flax)
 
   def loss(module):
     return lambda p, x: jnp.sum(module.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0] ** 3)
 
-  _close(jax.grad(loss(ours), (0, 1))(variables["params"], x), jax.grad(loss(flax_bn), (0, 1))(variables["params"], x),
-         rtol=2e-4, atol=2e-3)
+  assert_trees_close(jax.grad(loss(ours), (0, 1))(variables["params"], x),
+                     jax.grad(loss(flax_bn), (0, 1))(variables["params"], x), rtol=2e-4, atol=2e-3)
 
 
 def _bn_reference(x, scale, bias, epsilon=1e-5):
@@ -74,7 +70,7 @@ def test_batch_norm_second_derivatives_match_autodiff_of_the_formula():
 
   ours = jax.grad(outer(lambda x, s, b: batch_norm_train(x, s, b, 1e-5)), (0, 1, 2))(x, p["scale"], p["bias"])
   ref = jax.grad(outer(_bn_reference), (0, 1, 2))(x, p["scale"], p["bias"])
-  _close(ours, ref, rtol=1e-3, atol=1e-3)
+  assert_trees_close(ours, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_batch_norm_bfloat16_input_keeps_float32_statistics():
@@ -85,7 +81,7 @@ def test_batch_norm_bfloat16_input_keeps_float32_statistics():
   assert new["batch_stats"]["mean"].dtype == jnp.float32
   y_ref, _ = nn.BatchNorm(use_running_average=False, momentum=0.9).apply(variables, x.astype(jnp.bfloat16),
                                                                          mutable=["batch_stats"])
-  _close(y, y_ref, rtol=2e-2, atol=2e-2)
+  assert_trees_close(y, y_ref, rtol=2e-2, atol=2e-2)
 
 
 def test_batch_norm_statistics_are_global_over_8_devices():
@@ -97,7 +93,7 @@ def test_batch_norm_statistics_are_global_over_8_devices():
   mesh = parallel.make_mesh()
   assert mesh.devices.size == 8
   sharded = apply(parallel.replicate(variables, mesh), parallel.shard_batch({"x": np.asarray(x)}, mesh)["x"])
-  _close(sharded, single, rtol=1e-5, atol=1e-5)
+  assert_trees_close(sharded, single, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- convolution
@@ -125,14 +121,15 @@ def test_conv_matches_lax_in_values_and_first_and_second_derivatives(case):
   ref, ours = conv(lax.conv_general_dilated), conv(conv_general_dilated)
   y_ref, vjp_ref = jax.vjp(ref, x, w)
   y_ours, vjp_ours = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
-  _close(y_ours, y_ref)
+  assert_trees_close(y_ours, y_ref)
   g = jax.random.normal(jax.random.key(2), y_ref.shape)
-  _close(vjp_ours(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
+  assert_trees_close(vjp_ours(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
 
   def second(fn):  # reverse over reverse, as gradient-based attention transfer does
     return lambda x, w: jnp.sum(jnp.tanh(jax.grad(lambda x: jnp.sum(fn(x, w) ** 2))(x)))
 
-  _close(jax.jit(jax.grad(second(ours), (0, 1)))(x, w), jax.grad(second(ref), (0, 1))(x, w), rtol=1e-3, atol=1e-3)
+  assert_trees_close(jax.jit(jax.grad(second(ours), (0, 1)))(x, w), jax.grad(second(ref), (0, 1))(x, w),
+                     rtol=1e-3, atol=1e-3)
 
 
 def test_conv_in_flax_keeps_the_parameter_tree_and_runs_under_vmap():
@@ -141,7 +138,7 @@ def test_conv_in_flax_keeps_the_parameter_tree_and_runs_under_vmap():
   stock = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)))
   v = fast.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, stock.init(jax.random.key(0), x))
-  _close(fast.apply(v, x), stock.apply(v, x))
+  assert_trees_close(fast.apply(v, x), stock.apply(v, x))
   batched = jax.jit(jax.vmap(lambda x: fast.apply(v, x)))(jnp.ones((3, 2, 8, 8, 3)))
   assert batched.shape == (3, 2, 4, 4, 6)
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close
 
 from kdjax import checkpoint as ckpt
 from kdjax import models, parallel
@@ -34,11 +35,6 @@ def config(**fields):
 
 def variables_of(workdir):
   return ckpt.load_teacher_variables(str(workdir))[0]
-
-
-def assert_close(a, b, **kw):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **{"rtol": 1e-5, "atol": 1e-6, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +74,8 @@ def test_each_stage_step_on_eight_devices_equals_one_device(method, loss):
   one = one_step(method, loss, parallel.make_mesh(jax.devices()[:1]))
   eight = one_step(method, loss, parallel.make_mesh())
   # Float tolerance: the sharded step reduces in another order; beta = 1000 (AT) amplifies it.
-  assert_close((one.params, one.batch_stats, one.aux_params), (eight.params, eight.batch_stats, eight.aux_params),
-               rtol=1e-4, atol=1e-5)
+  assert_trees_close((one.params, one.batch_stats, one.aux_params),
+                     (eight.params, eight.batch_stats, eight.aux_params), rtol=1e-4, atol=1e-5)
   if method.startswith("fitnets_") and method != "fitnets_kd":
     assert jax.tree.leaves(one.aux_params)  # the regressor is trained alongside
 
@@ -106,7 +102,7 @@ def test_fitnets_two_stages(tmp_path, teacher):
   start, fresh1 = variables_of(tmp_path / "stage2_at0")["params"], fresh_params(1)
   assert set(start) == set(fresh1)
   for name in start:
-    assert_close(start[name], (after if name in GUIDED else fresh1)[name], rtol=0, atol=0)
+    assert_trees_close(start[name], (after if name in GUIDED else fresh1)[name], rtol=0, atol=0)
 
 
 def test_fitnets_kd_lambda_anneals():
@@ -168,5 +164,5 @@ def test_gradient_attention_double_backprop_under_jit_on_eight_devices():
   one = grad_fn(student_vars["params"], jax.device_put(x, jax.devices()[0]))
   mesh = parallel.make_mesh()
   eight = grad_fn(parallel.replicate(student_vars["params"], mesh), parallel.shard_batch({"x": x}, mesh)["x"])
-  assert_close(one, eight)
+  assert_trees_close(one, eight, rtol=1e-5, atol=1e-6)
   assert all(np.abs(np.asarray(g)).sum() > 0 for g in jax.tree.leaves(one))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_close
 from jax import lax
 
 from kdjax import models, parallel
@@ -25,11 +26,6 @@ from kdjax.models.conv import conv_general_dilated
 from kdjax.train import create_train_state, make_train_step
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _close(a, b, rtol=1e-5, atol=1e-5):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
 def _installed(distribution):
@@ -88,10 +84,10 @@ def test_conv_equals_lax_in_values_and_first_and_second_derivatives(need_onednn,
     y, vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
     second_ours = jax.jit(jax.grad(second(ours), (0, 1)))(x, w)
   y_ref, vjp_ref = jax.vjp(ref, x, w)
-  _close(y, y_ref)
+  assert_trees_close(y, y_ref)
   g = jax.random.normal(jax.random.key(2), y_ref.shape)
-  _close(vjp(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
-  _close(second_ours, jax.grad(second(ref), (0, 1))(x, w), rtol=1e-3, atol=1e-3)
+  assert_trees_close(vjp(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
+  assert_trees_close(second_ours, jax.grad(second(ref), (0, 1))(x, w), rtol=1e-3, atol=1e-3)
 
 
 def test_rectangular_kernels_and_unequal_strides(need_onednn):
@@ -104,9 +100,9 @@ def test_rectangular_kernels_and_unequal_strides(need_onednn):
     with onednn.policy("on"):
       y, vjp = jax.jit(lambda x, w: jax.vjp(ours, x, w))(x, w)
     y_ref, vjp_ref = jax.vjp(ref, x, w)
-    _close(y, y_ref)
+    assert_trees_close(y, y_ref)
     g = jax.random.normal(jax.random.key(2), y.shape)
-    _close(vjp(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
+    assert_trees_close(vjp(g), vjp_ref(g), rtol=1e-4, atol=1e-4)
 
 
 def test_gradient_functions_are_each_others_derivatives(need_onednn):
@@ -125,7 +121,7 @@ def test_gradient_functions_are_each_others_derivatives(need_onednn):
   ref_dw = lambda x, g: jax.vjp(lambda w_: ref(x, w_), w)[1](g)[0]
   want = (jax.grad(lambda g, w: jnp.sum(jnp.sin(ref_dx(g, w))), (0, 1))(g, w),
           jax.grad(lambda x, g: jnp.sum(jnp.sin(ref_dw(x, g))), (0, 1))(x, g))
-  _close(ours, want, rtol=1e-4, atol=1e-4)
+  assert_trees_close(ours, want, rtol=1e-4, atol=1e-4)
 
 
 def test_vmap_runs_each_element(need_onednn):
@@ -134,7 +130,7 @@ def test_vmap_runs_each_element(need_onednn):
   ours = _conv(conv_general_dilated, 1, "SAME")
   with onednn.policy("on"):
     got = jax.jit(jax.vmap(ours))(x, w)
-  _close(got, jax.vmap(_conv(lax.conv_general_dilated, 1, "SAME"))(x, w))
+  assert_trees_close(got, jax.vmap(_conv(lax.conv_general_dilated, 1, "SAME"))(x, w))
 
 
 def test_policy_decides_at_trace_time():
@@ -183,9 +179,9 @@ def _kd_step(mesh):
                              teacher_models=[teacher], teacher_variables=[teacher_vars])
   step = make_train_step(student=student, objective=objective, tx=tx, teacher_models=(teacher,))
   args = (parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh), parallel.replicate((teacher_vars,), mesh))
-  uses = "kdjax_onednn" in jax.jit(step).lower(*args).as_text()
-  new_state, metrics = jax.jit(step)(*args)
-  return uses, (new_state.params, new_state.batch_stats, metrics["loss"])
+  lowered = jax.jit(step).lower(*args)  # traced once: the policy in force now decides
+  new_state, metrics = lowered.compile()(*args)
+  return "kdjax_onednn" in lowered.as_text(), (new_state.params, new_state.batch_stats, metrics["loss"])
 
 
 def test_kd_train_step_with_onednn_equals_xla_on_one_and_eight_devices(need_onednn):
@@ -195,8 +191,8 @@ def test_kd_train_step_with_onednn_equals_xla_on_one_and_eight_devices(need_oned
     uses_one, on_one = _kd_step(one)
     uses_eight, on_eight = _kd_step(eight)  # custom calls are replicated by the partitioner: same result
   assert not uses_xla and uses_one and uses_eight
-  _close(on_one, xla, rtol=1e-4, atol=1e-5)
-  _close(on_eight, xla, rtol=1e-4, atol=1e-5)
+  assert_trees_close(on_one, xla, rtol=1e-4, atol=1e-5)
+  assert_trees_close(on_eight, xla, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_attention_through_a_resnet_equals_xla(need_onednn):
@@ -219,7 +215,7 @@ def test_gradient_attention_through_a_resnet_equals_xla(need_onednn):
   want = grad(student["params"])
   with onednn.policy("on"):
     got = jax.jit(jax.grad(loss))(student["params"])
-  _close(got, want, rtol=1e-3, atol=1e-5)
+  assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "inception_v3"])
@@ -237,6 +233,7 @@ def test_zoo_model_gradients_with_onednn_equal_xla(need_onednn, name):
 
   want = jax.jit(jax.grad(loss))(variables["params"])
   with onednn.policy("on"):
-    assert "kdjax_onednn" in jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
-    got = jax.jit(jax.grad(loss))(variables["params"])
-  _close(got, want, rtol=2e-3, atol=1e-4)
+    lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
+  assert "kdjax_onednn" in lowered.as_text()
+  got = lowered.compile()(variables["params"])
+  assert_trees_close(got, want, rtol=2e-3, atol=1e-4)

@@ -81,10 +81,6 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   return _forward(x, scale, bias, epsilon)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon):
-  return _forward(x, scale, bias, epsilon)
-
-
 def _batch_norm_bwd(epsilon, residuals, cotangents):
   del epsilon
   x, mean, inv_std, scale = residuals
@@ -99,7 +95,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   return d_x.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+batch_norm_train.defvjp(_forward, _batch_norm_bwd)  # _forward returns (outputs, residuals)
 
 
 class BatchNorm(nn.Module):

@@ -39,8 +39,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="kdjax", description="Knowledge-distillation papers in JAX/Flax.")
   sub = p.add_subparsers(dest="command", required=True)
-  ls = sub.add_parser("list", help="show the papers, datasets and models available")
-  ls.add_argument("what", nargs="?", choices=["papers", "datasets", "models", "all"], default="all")
+  ls = sub.add_parser("list", help="show the papers, methods, datasets and models available")
+  ls.add_argument("what", nargs="?", choices=["papers", "methods", "datasets", "models", "all"], default="all")
   tr = sub.add_parser("train", help="run one training stage (resumes from the workdir's checkpoints)",
                       epilog="override any config field with --config.KEY=VALUE")
   tr.add_argument("--config", required=True, help="papers/<key>/config.py[:variant]")
@@ -65,6 +65,11 @@ def cmd_list(what: str) -> None:
     for key in kconfig.paper_keys():
       module = kconfig.load_module(kconfig.papers_dir() / key / "config.py")
       print(f"  {key:22s} {module.PAPER}")
+  if what in ("methods", "all"):
+    from kdjax.methods.objective import METHODS
+    print("methods (--config.method=NAME; its fields are --config.loss.*):")
+    for name, entry in METHODS.items():
+      print(f"  {name:28s} {entry.description}")
   if what in ("datasets", "all"):
     print("datasets (--config.dataset=NAME):")
     for name, text in data.BUILTIN_DESCRIPTIONS.items():

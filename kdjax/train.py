@@ -1,26 +1,32 @@
-"""TrainState, the generic distillation step, and the train/evaluate loop of one stage.
+"""The stage runner: setup, the shared distillation step, and the one ``fit`` loop every stage runs.
 
-The step is ``(state, batch) -> (state, metrics)``: built once by :func:`make_train_step` from a
-student model, an :class:`~kdjax.methods.objective.Objective` and an optax optimizer, jitted
-once with the state donated. The teacher's variables are a separate argument of the jitted
-function (bind them with ``functools.partial``): never differentiated (``stop_gradient`` on
-everything the teacher outputs), never updated, never saved with the student. Randomness inside
-the step is ``fold_in(state.rng, state.step)``, so it depends on the step alone. Metrics are
-``(sum, count)`` pairs, exact when added over steps, devices and hosts.
+A stage has three parts (DESIGN.md, "Stages"):
 
-:func:`train_and_evaluate` runs one stage from a config: it resumes from the work directory's
-last good checkpoint, trains on a ``("data",)`` mesh over every device, checkpoints, logs, and
-evaluates on the test split.
+* :func:`setup_stage` checks the config and builds the data, transfer set, student, teachers,
+  optimizer and mesh (:class:`Setup`), and records ``config.json``;
+* a step builder chosen by the method's registry entry
+  (:data:`kdjax.methods.objective.METHODS`): an :class:`~kdjax.methods.objective.Objective` runs on the
+  shared distillation step (:func:`make_train_step`, wrapped by :func:`objective_program`), a paper
+  with its own training brings a :class:`StageProgram` (its state, its step, what to evaluate);
+* :func:`fit`, which knows no paper: resume from the last good checkpoint, the jitted step over the
+  batches, checkpoints, logging, the non-finite guard, evaluation and ``results.json``.
+
+Every step is ``(state, batch, *args) -> (state, metrics)``, jitted once with the state donated. The
+teacher's variables are a separate argument: never differentiated (``stop_gradient`` on everything
+the teacher outputs), never updated, never saved with the student. Randomness inside a step is
+``fold_in(state.rng, state.step)``, so it depends on the step alone. Metrics are ``(sum, count)``
+pairs, exact when added over steps, devices and hosts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import serialization
 from jax.experimental import multihost_utils
 
 from kdjax import checkpoint as ckpt
@@ -37,12 +44,28 @@ from kdjax import models, parallel
 from kdjax.config import check_keys, default_stage_config
 from kdjax.errors import NonFiniteError, UnknownNameError, unknown_name
 from kdjax.logging_utils import MetricWriter
-from kdjax.methods.objective import Objective, make_objective
+from kdjax.methods.objective import Objective, make_method
 from kdjax.models.features import ModelOutput
 
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+class StageProgress(NamedTuple):
+  """Where a step is in its stage, as objectives see it: schedules are fractions of the stage.
+
+  Attributes:
+    step: int32 scalar (traced inside the step), the number of updates done before this one.
+    total_steps: the stage length (a Python int, fixed when the step is built).
+  """
+  step: jax.Array
+  total_steps: int
+
+  @property
+  def fraction(self) -> jax.Array:
+    """``step / total_steps`` as float32, in [0, 1)."""
+    return jnp.asarray(self.step, jnp.float32) / max(self.total_steps, 1)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -63,14 +86,6 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   rng: jax.Array
   aux_params: Any = flax.struct.field(default_factory=dict)
-
-  def as_dict(self) -> dict[str, Any]:
-    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-            "opt_state": self.opt_state, "rng": self.rng, "aux_params": self.aux_params}
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
-    return cls(**d)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_input: jax.Array,
@@ -117,7 +132,7 @@ def teacher_forward(teacher_models: Sequence[nn.Module], teacher_variables: Sequ
   return jax.lax.stop_gradient(ModelOutput(logits, outputs[0].features, {}))
 
 
-def _mean_metric(values: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def mean_metric(values: jax.Array, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   values = values.astype(jnp.float32)
   if weight is None:
     return jnp.sum(values), jnp.asarray(values.size, jnp.float32)
@@ -125,7 +140,8 @@ def _mean_metric(values: jax.Array, weight: jax.Array | None = None) -> tuple[ja
 
 
 def make_train_step(*, student: nn.Module, objective: Objective, tx: optax.GradientTransformation,
-                    teacher_models: Sequence[nn.Module] = (), cached_teacher: bool = False) -> Callable:
+                    teacher_models: Sequence[nn.Module] = (), cached_teacher: bool = False,
+                    total_steps: int = 0) -> Callable:
   """Builds the un-jitted step ``step(state, batch, teacher_variables) -> (state, metrics)``.
 
   Args:
@@ -136,6 +152,7 @@ def make_train_step(*, student: nn.Module, objective: Objective, tx: optax.Gradi
       step's third argument, a tuple with one entry per model.
     cached_teacher: read teacher logits from ``batch["teacher_logits"]`` (``[batch, members,
       classes]``, precomputed by :func:`precompute_teacher_logits`) instead of running the teacher.
+    total_steps: the stage length, passed to the objective in its :class:`StageProgress`.
 
   A non-finite loss or gradient leaves the state unchanged (except ``step``) and sets the
   ``nonfinite`` metric, so a NaN never reaches the parameters or a checkpoint.
@@ -147,39 +164,36 @@ def make_train_step(*, student: nn.Module, objective: Objective, tx: optax.Gradi
 
   def step(state: TrainState, batch: dict[str, jax.Array], teacher_variables: Sequence[Any] = ()):
     rng = jax.random.fold_in(state.rng, state.step)
+    progress = StageProgress(state.step, total_steps)
     teacher = None
-    if cached_teacher:
-      logits = jnp.swapaxes(batch["teacher_logits"], 0, 1)  # [members, batch, classes]
-      teacher = ModelOutput(logits[0] if logits.shape[0] == 1 else logits, {}, {})
-    elif teacher_models:
-      teacher = teacher_forward(teacher_models, teacher_variables, batch["image"],
-                                features=objective.teacher_features)
+    if cached_teacher or teacher_models:
+      teacher = teacher_output(batch, teacher_models, teacher_variables, cached=cached_teacher,
+                               features=objective.teacher_features)
 
     def loss_fn(trainable):
       params, aux_params = trainable
       out = models.apply_model(student, _variables(params, state.batch_stats), batch["image"], train=True,
                                rngs={"dropout": rng}, features=objective.student_features)
       if objective.init_aux is None:
-        per_example, extras = objective.fn(out, teacher, batch, state.step)
+        per_example, extras = objective.fn(out, teacher, batch, progress)
       else:
-        per_example, extras = objective.fn(out, teacher, batch, state.step, aux=aux_params)
+        per_example, extras = objective.fn(out, teacher, batch, progress, aux=aux_params)
       return jnp.mean(per_example), (out, per_example, extras)
 
     trainable = (state.params, state.aux_params)
     (loss, (out, per_example, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params, aux_params = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              batch_stats=keep(out.batch_stats, state.batch_stats),
-                              opt_state=keep(opt_state, state.opt_state),
-                              aux_params=keep(aux_params, state.aux_params))
+    (params, aux_params, batch_stats, opt_state), nonfinite = skip_if_nonfinite(
+        all_finite(loss, grads), (params, aux_params, out.batch_stats, opt_state),
+        (state.params, state.aux_params, state.batch_stats, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              aux_params=aux_params)
     correct = (jnp.argmax(out.logits, -1) == batch["label"]).astype(jnp.float32)
-    metrics = {"loss": _mean_metric(per_example),
-               "train_accuracy": _mean_metric(correct, batch["label_mask"]),
-               "nonfinite": (1.0 - finite.astype(jnp.float32), jnp.float32(1.0))}
-    metrics.update({k: _mean_metric(v) for k, v in extras.items()})
+    metrics = {"loss": mean_metric(per_example),
+               "train_accuracy": mean_metric(correct, batch["label_mask"]),
+               "nonfinite": nonfinite}
+    metrics.update({k: mean_metric(v) for k, v in extras.items()})
     return new_state, metrics
 
   return step
@@ -192,8 +206,8 @@ def make_eval_step(model: nn.Module) -> Callable:
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=-1)[:, 0]
     w = batch["weight"]
-    return {"accuracy": _mean_metric(correct, w), "errors": (jnp.sum((1 - correct) * w), jnp.float32(1.0)),
-            "cross_entropy": _mean_metric(ce, w)}
+    return {"accuracy": mean_metric(correct, w), "errors": (jnp.sum((1 - correct) * w), jnp.float32(1.0)),
+            "cross_entropy": mean_metric(ce, w)}
   return eval_step
 
 
@@ -388,32 +402,131 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-class StopTraining(Exception):
-  """Raised by a test hook to interrupt a run between steps (simulates a crash)."""
+# --- the stage runner: setup, a method's step builder, and one fit loop -------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, progress: bool = True,
-                       interrupt_after_step: int | None = None) -> dict[str, Any]:
-  """Runs one training stage in ``workdir`` and returns its evaluation.
+@dataclasses.dataclass
+class Setup:
+  """What :func:`setup_stage` builds for one stage; a method's step builder reads it.
 
-  Re-running on the same ``workdir`` resumes from the last good checkpoint (a finished run just
-  re-evaluates). The resumed run computes exactly what an uninterrupted one does: the batch,
-  the augmentation and the dropout mask of a step depend only on the seed and the step.
+  Attributes:
+    config: the stage config (validated).
+    workdir: the stage's work directory (``config.json`` is already written).
+    mesh: the ``("data",)`` device mesh.
+    dataset: the loaded (and standardised) dataset; ``dataset.test`` is evaluated at the end.
+    transfer_set: the training examples the stage iterates over (labelled and unlabelled).
+    student: the model the stage exports (``config.model``): the state's ``params``/``batch_stats``
+      are its variables, and later stages load them as a teacher or through ``init_from``.
+    teacher_models, teacher_variables: the teacher(s) of ``config.teacher_workdir`` (empty if the
+      method uses none); the variables are host arrays, never trained.
+    num_steps: the stage length in updates.
+    tx: the optimizer of the config (learning-rate schedule over ``num_steps``).
+    cached_teacher: batches carry ``teacher_logits`` ``[batch, members, classes]`` computed once,
+      and the step must not run the teacher (see :func:`teacher_output`).
+    example: a zero input batch of one example, for initialisation.
+    init_variables: layers copied from ``config.init_from`` (``None`` if not set).
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  dataset: kdata.Dataset
+  transfer_set: kdata.TransferSet
+  student: nn.Module
+  teacher_models: list
+  teacher_variables: list
+  num_steps: int
+  tx: optax.GradientTransformation
+  cached_teacher: bool
+  example: jax.Array
+  init_variables: dict[str, Any] | None
 
-  Args:
-    config: a stage config (see :func:`kdjax.config.default_stage_config`).
-    workdir: where checkpoints, ``config.json``, ``metrics.jsonl`` and ``results.json`` go.
-    mesh: device mesh (default: every device).
-    progress: show a progress bar.
-    interrupt_after_step: testing hook: raise :class:`StopTraining` after this step (after any
-      checkpoint due at that step), as if the process had died there.
 
-  Returns:
-    ``{"test_accuracy", "test_errors", "test_examples", "steps", "train": {...last metrics}}``,
-    also written to ``workdir/results.json``.
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+  """A method's own stage, for training that is not "one teacher forward + one student update".
+
+  The shared :func:`fit` loop runs it: resume, checkpoints, logging, the non-finite guard and
+  evaluation are the loop's, the state and the step are the method's.
+
+  Attributes:
+    init_state: ``init_state(setup) -> state``: any pytree of arrays that Flax can serialise (a
+      ``flax.struct`` dataclass, dicts, optax states). It must have ``step`` (int32 scalar, the
+      number of updates done) and ``params``/``batch_stats``: the variables of ``setup.student``,
+      the model the stage exports (more parameter groups and optimizer states go in other fields).
+    make_step: ``make_step(setup) -> step(state, batch, teacher_variables) -> (state, metrics)``,
+      un-jitted (the loop jits it once, donating the state). ``metrics`` maps names to ``(sum,
+      count)`` pairs and includes ``"nonfinite"`` (see :func:`skip_if_nonfinite`).
+    needs_teacher: whether the stage reads ``config.teacher_workdir``.
+    cacheable_teacher: the step reads only the teacher's logits (through :func:`teacher_output`), so
+      they may be computed once when the inputs are not augmented.
+    evaluate: ``evaluate(setup, state) -> dict`` of further results (e.g. a jointly trained
+      teacher's test accuracy), written under ``"extra"`` in ``results.json``; the exported student's
+      test accuracy is always measured by the loop.
+  """
+  init_state: Callable[[Setup], Any]
+  make_step: Callable[[Setup], Callable]
+  needs_teacher: bool = False
+  cacheable_teacher: bool = False
+  evaluate: Callable[[Setup, Any], dict[str, Any]] | None = None
+
+
+def objective_program(objective: Objective) -> StageProgram:
+  """The shared distillation step (:func:`make_train_step`) as a stage program."""
+  def init_state(setup: Setup) -> TrainState:
+    return create_train_state(setup.student, setup.tx, setup.example, setup.config.seed, objective=objective,
+                              teacher_models=setup.teacher_models, teacher_variables=setup.teacher_variables,
+                              init_variables=setup.init_variables)
+
+  def make_step(setup: Setup) -> Callable:
+    return make_train_step(student=setup.student, objective=objective, tx=setup.tx,
+                           teacher_models=() if setup.cached_teacher else tuple(setup.teacher_models),
+                           cached_teacher=setup.cached_teacher, total_steps=setup.num_steps)
+  return StageProgram(init_state, make_step, needs_teacher=objective.needs_teacher,
+                      cacheable_teacher=objective.needs_teacher and not objective.teacher_features)
+
+
+def as_program(method: Objective | StageProgram) -> StageProgram:
+  return method if isinstance(method, StageProgram) else objective_program(method)
+
+
+def teacher_output(batch: Mapping[str, jax.Array], teacher_models: Sequence[nn.Module],
+                   teacher_variables: Sequence[Any], *, cached: bool, features: Sequence[str] = ()) -> ModelOutput:
+  """The teacher's output for ``batch``: from ``batch["teacher_logits"]`` when ``cached``, else a live
+  forward pass of ``teacher_models`` (both under ``stop_gradient``)."""
+  if cached:
+    logits = jnp.swapaxes(batch["teacher_logits"], 0, 1)  # [members, batch, classes]
+    return ModelOutput(jax.lax.stop_gradient(logits[0] if logits.shape[0] == 1 else logits), {}, {})
+  return teacher_forward(teacher_models, teacher_variables, batch["image"], features=features)
+
+
+def check_resumable(workdir: str, saved_config: dict[str, Any]) -> None:
+  """Refuses to resume ``workdir`` with a config that differs from the one it recorded.
+
+  A run recorded before a field was added to :func:`default_stage_config` ran with that field's
+  default, so a missing field counts as its default.
+  """
+  previous = ckpt.read_config(workdir)
+  if previous is None:
+    return
+  defaults = json.loads(json.dumps(config_to_dict(default_stage_config())))
+  previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
+  if previous != saved_config:
+    changed = sorted(k for k in set(previous) | set(saved_config) if previous.get(k) != saved_config.get(k))
+    raise ValueError(f"{workdir} holds a run with a different config (fields {changed} differ); "
+                     "use a new --workdir or the same config to resume")
+
+
+def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> tuple[Setup, StageProgram]:
+  """Checks the config, loads the data and teachers, builds the method, records ``config.json``.
+
+  Everything that can be wrong with the config is found before ``config.json`` is written, so a
+  corrected config can use the same work directory.
   """
   check_keys(config)
-  objective = make_objective(config.method, config.loss)  # bad method/loss fields fail first
+  program = as_program(make_method(config.method, config.loss))  # bad method/loss fields fail first
+  if config.teacher_workdir and not program.needs_teacher:
+    raise ValueError(f"method {config.method!r} uses no teacher, but teacher_workdir={config.teacher_workdir!r} "
+                     "was given; remove --config.teacher_workdir (or pick a distillation method)")
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -425,8 +538,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
                                          include_unlabelled=config.include_unlabelled,
                                          split_seed=config.split_seed)
   student = build_model(config.model, config.model_kwargs, dataset.num_classes)
-  teacher_models, teacher_variables = ([], [])
-  if objective.needs_teacher:
+  teacher_models, teacher_variables = [], []
+  if program.needs_teacher:
     if not config.teacher_workdir:
       raise ValueError(f"method {config.method!r} needs a teacher: set --config.teacher_workdir=DIR "
                        "(a finished teacher run; comma-separated for an ensemble)")
@@ -437,83 +550,176 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   tx = make_optimizer(config, num_steps)  # bad optimizer/schedule fields fail before config.json is written
   saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps}
   saved_config = json.loads(json.dumps(saved_config))  # as it reads back (tuples become lists)
-  previous = ckpt.read_config(workdir)
-  if previous is not None:
-    # A run recorded before a field was added to default_stage_config ran with that field's default.
-    defaults = json.loads(json.dumps(config_to_dict(default_stage_config())))
-    previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
-  if previous is not None and previous != saved_config:
-    changed = sorted(k for k in set(previous) | set(saved_config) if previous.get(k) != saved_config.get(k))
-    raise ValueError(f"{workdir} holds a run with a different config (fields {changed} differ); "
-                     "use a new --workdir or the same config to resume")
+  check_resumable(workdir, saved_config)
   ckpt.write_config(workdir, saved_config)
 
   augmented = bool(config.jitter or config.hflip)
-  cached = bool(objective.needs_teacher and config.cache_teacher and not augmented
-                and not objective.teacher_features)
-  if objective.needs_teacher and config.cache_teacher and augmented:
+  cached = bool(program.needs_teacher and program.cacheable_teacher and config.cache_teacher and not augmented)
+  if program.needs_teacher and config.cache_teacher and augmented:
     log.info("teacher runs live: inputs are augmented, so cached teacher outputs would not match them")
-
-  example = jnp.zeros((1, *dataset.example_shape), jnp.float32)
   init_variables = load_layers(config.init_from, tuple(config.init_layers)) if config.init_from else None
-  state = create_train_state(student, tx, example, config.seed, objective=objective,
-                             teacher_models=teacher_models, teacher_variables=teacher_variables,
-                             init_variables=init_variables)
-  checkpointer = ckpt.Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = checkpointer.restore_latest(jax.tree.map(np.asarray, state.as_dict()))
-  if restored is not None:
-    state = TrainState.from_dict(restored)
-    log.info("resumed %s at step %d", workdir, int(state.step))
-  state = parallel.replicate(state, mesh)
-  start_step = int(jax.device_get(state.step))
-  teacher_logits = None
-  if cached and start_step < num_steps:  # once per run; a finished run only re-evaluates
-    teacher_logits = precompute_teacher_logits(teacher_models, teacher_variables, transfer_set, mesh,
-                                               batch_size=config.eval_batch_size)
+  setup = Setup(config=config, workdir=workdir, mesh=mesh, dataset=dataset, transfer_set=transfer_set,
+                student=student, teacher_models=teacher_models, teacher_variables=teacher_variables,
+                num_steps=num_steps, tx=tx, cached_teacher=cached,
+                example=jnp.zeros((1, *dataset.example_shape), jnp.float32), init_variables=init_variables)
+  return setup, program
 
-  step_fn = jax.jit(make_train_step(student=student, objective=objective, tx=tx,
-                                    teacher_models=() if cached else tuple(teacher_models),
-                                    cached_teacher=cached), donate_argnums=(0,))
-  teacher_args = () if cached else parallel.replicate(tuple(teacher_variables), mesh)
-  batches = kdata.TrainBatches(transfer_set, batch_size=config.batch_size, seed=config.seed, jitter=config.jitter,
-                               hflip=config.hflip, teacher_logits=teacher_logits,
-                               host_slice=parallel.process_slice(config.batch_size))
-  writer = MetricWriter(workdir, total_steps=num_steps, initial_step=start_step, progress=progress,
-                        description=os.path.basename(os.path.normpath(workdir)))
-  last_train: dict[str, float] = {}
+
+def stage_batches(setup: Setup) -> Callable[[int], Iterator[dict[str, jax.Array]]]:
+  """``batches(start_step)``: the stage's device batches from ``start_step`` on, prefetched.
+
+  With a cached teacher the teacher's logits for the whole transfer set are computed on the first
+  call that has steps left (a finished run that only re-evaluates never runs the teacher).
+  """
+  config = setup.config
+
+  def batches(start_step: int) -> Iterator[dict[str, jax.Array]]:
+    teacher_logits = None
+    if setup.cached_teacher and start_step < setup.num_steps:
+      teacher_logits = precompute_teacher_logits(setup.teacher_models, setup.teacher_variables,
+                                                 setup.transfer_set, setup.mesh, batch_size=config.eval_batch_size)
+    source = kdata.TrainBatches(setup.transfer_set, batch_size=config.batch_size, seed=config.seed,
+                                jitter=config.jitter, hflip=config.hflip, teacher_logits=teacher_logits,
+                                host_slice=parallel.process_slice(config.batch_size))
+    return kdata.prefetch((source.batch(s) for s in range(start_step, setup.num_steps)),
+                          functools.partial(parallel.shard_batch, mesh=setup.mesh))
+  return batches
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, progress: bool = True,
+                       callbacks: Sequence[Callable[[int, Any], None]] = ()) -> dict[str, Any]:
+  """Runs one training stage in ``workdir`` and returns its evaluation.
+
+  The stage is set up by :func:`setup_stage`, its state and step come from the method's registry
+  entry (an :class:`~kdjax.methods.objective.Objective` for the shared distillation step, or the
+  paper's own :class:`StageProgram`), and :func:`fit` runs it. Re-running on the same ``workdir``
+  resumes from the last good checkpoint (a finished run just re-evaluates). The resumed run computes
+  exactly what an uninterrupted one does: the batch, the augmentation and the dropout mask of a step
+  depend only on the seed and the step.
+
+  Args:
+    config: a stage config (see :func:`kdjax.config.default_stage_config`).
+    workdir: where checkpoints, ``config.json``, ``metrics.jsonl`` and ``results.json`` go.
+    mesh: device mesh (default: every device).
+    progress: show a progress bar.
+    callbacks: passed to :func:`fit` (called after each step).
+
+  Returns:
+    ``{"test_accuracy", "test_errors", "test_examples", "test_cross_entropy", "steps", "teacher_cached",
+    "train": {...last metrics}, "extra": {...}}``, also written to ``workdir/results.json``.
+  """
+  setup, program = setup_stage(config, workdir, mesh=mesh)
+  state = program.init_state(setup)
+  step = program.make_step(setup)
+
+  def evaluate_stage(state) -> dict[str, Any]:
+    result = evaluate(setup.student, state, setup.dataset.test, setup.mesh, batch_size=config.eval_batch_size)
+    summary = {"test_accuracy": result["accuracy"], "test_errors": result["errors"],
+               "test_examples": result["examples"], "test_cross_entropy": result["cross_entropy"]}
+    if program.evaluate is not None:
+      summary["extra"] = program.evaluate(setup, state)
+    return summary
+
+  return fit(state, step, batches=stage_batches(setup), num_steps=setup.num_steps, workdir=workdir,
+             mesh=setup.mesh, evaluate=evaluate_stage,
+             step_args=(() if setup.cached_teacher else parallel.replicate(tuple(setup.teacher_variables), setup.mesh),),
+             checkpoint_every_steps=config.checkpoint_every_steps, log_every_steps=config.log_every_steps,
+             keep_checkpoints=config.keep_checkpoints, progress=progress, callbacks=callbacks,
+             results={"teacher_cached": setup.cached_teacher})
+
+
+def fit(state: Any, step: Callable, *, batches: Callable[[int], Iterable[dict[str, jax.Array]]], num_steps: int,
+        workdir: str, mesh, evaluate: Callable[[Any], dict[str, Any]], step_args: tuple = (),
+        checkpoint_every_steps: int = 500, log_every_steps: int = 100, keep_checkpoints: int = 2,
+        progress: bool = True, callbacks: Sequence[Callable[[int, Any], None]] = (),
+        results: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The training loop of every stage; it knows nothing of any paper.
+
+  Resumes ``state`` from the newest readable checkpoint in ``workdir``, runs the remaining steps of
+  ``step`` (jitted once here, the state donated) over ``batches(start_step)``, logs the step metrics
+  every ``log_every_steps`` (``metrics.jsonl``, TensorBoard, the progress bar), checkpoints every
+  ``checkpoint_every_steps`` and at the end, stops with :class:`~kdjax.errors.NonFiniteError` when a
+  step reports ``nonfinite`` (the last good checkpoint is kept), and finally writes ``evaluate(state)``
+  with ``results`` to ``results.json``.
+
+  Args:
+    state: the initial state, any Flax-serialisable pytree with a ``step`` field (int32 scalar).
+    step: ``step(state, batch, *step_args) -> (state, metrics)``, un-jitted; ``metrics`` maps names to
+      ``(sum, count)`` pairs and must include ``"nonfinite"``.
+    batches: ``batches(start_step)`` yields the device batches of steps ``start_step .. num_steps-1``.
+    num_steps: the stage length.
+    workdir: where ``checkpoints/``, ``metrics.jsonl`` and ``results.json`` go.
+    mesh: the state is replicated over it.
+    evaluate: ``evaluate(state) -> dict`` of results (``test_accuracy`` etc.).
+    step_args: further arguments of ``step`` (e.g. the replicated teacher variables).
+    callbacks: ``callback(steps_done, state)`` after every step, after any checkpoint due at that
+      step was started (tests use one to simulate a crash).
+    results: further entries of ``results.json``.
+
+  Returns:
+    ``{**evaluate(state), "steps": num_steps, "train": {last logged train metrics}, **results}``.
+  """
+  checkpointer = ckpt.Checkpointer(workdir, keep=keep_checkpoints)
   try:
-    window, flags, window_start = None, [], start_step
-    stream = kdata.prefetch((batches.batch(s) for s in range(start_step, num_steps)),
-                            functools.partial(parallel.shard_batch, mesh=mesh))
-    for step, batch in zip(range(start_step, num_steps), stream):
-      state, metrics = step_fn(state, batch, teacher_args)
-      window = add_metrics(window, metrics)
-      flags.append(metrics["nonfinite"][0])
-      done = step + 1
-      save_now = done % config.checkpoint_every_steps == 0 or done == num_steps
-      if done % config.log_every_steps == 0 or save_now:
-        _raise_if_nonfinite(flags, window_start, checkpointer)
-        last_train = summarize(window)
-        writer.write(done, {f"train/{k}": v for k, v in last_train.items() if k != "nonfinite"})
-        window, flags, window_start = None, [], done
-      if save_now:
-        checkpointer.save(done, state.as_dict())
-      writer.advance(done)
-      if interrupt_after_step is not None and done == interrupt_after_step:
-        checkpointer.wait()
-        raise StopTraining(f"interrupted after step {done}")
-    if start_step == num_steps and checkpointer.manager.latest_step() != num_steps:
-      checkpointer.save(num_steps, state.as_dict())  # a 0-step stage still leaves its starting point
-    checkpointer.wait()
-    result = evaluate(student, state, dataset.test, mesh, batch_size=config.eval_batch_size)
+    template = serialization.to_state_dict(state)
+    restored = checkpointer.restore_latest(jax.tree.map(np.asarray, template))
+    if restored is not None:
+      state = serialization.from_state_dict(state, restored)
+      log.info("resumed %s at step %d", workdir, int(state.step))
+    state = parallel.replicate(state, mesh)
+    start_step = int(jax.device_get(state.step))
+    step_fn = jax.jit(step, donate_argnums=(0,))
+    writer = MetricWriter(workdir, total_steps=num_steps, initial_step=start_step, progress=progress,
+                          description=os.path.basename(os.path.normpath(workdir)))
+    last_train: dict[str, float] = {}
+    try:
+      window, flags, window_start = None, [], start_step
+      for done, batch in enumerate(batches(start_step) if start_step < num_steps else (), start=start_step + 1):
+        state, metrics = step_fn(state, batch, *step_args)
+        if "nonfinite" not in metrics:
+          raise ValueError(f"the stage's step must report a 'nonfinite' metric (see kdjax.train.skip_if_nonfinite); "
+                           f"it reported {sorted(metrics)}")
+        window = add_metrics(window, metrics)
+        flags.append(metrics["nonfinite"][0])
+        save_now = done % checkpoint_every_steps == 0 or done == num_steps
+        if done % log_every_steps == 0 or save_now:
+          _raise_if_nonfinite(flags, window_start, checkpointer)
+          last_train = summarize(window)
+          writer.write(done, {f"train/{k}": v for k, v in last_train.items() if k != "nonfinite"})
+          window, flags, window_start = None, [], done
+        if save_now:
+          checkpointer.save(done, serialization.to_state_dict(state))
+        writer.advance(done)
+        for callback in callbacks:
+          callback(done, state)
+        if done == num_steps:
+          break
+      if start_step == num_steps and checkpointer.manager.latest_step() != num_steps:
+        checkpointer.save(num_steps, serialization.to_state_dict(state))  # a 0-step stage keeps its start
+      checkpointer.wait()
+      summary = {**evaluate(state), "steps": num_steps, **(results or {}), "train": last_train}
+    finally:
+      writer.close()
   finally:
-    writer.close()
     checkpointer.close()
-  summary = {"test_accuracy": result["accuracy"], "test_errors": result["errors"],
-             "test_examples": result["examples"], "test_cross_entropy": result["cross_entropy"],
-             "steps": num_steps, "teacher_cached": cached, "train": last_train}
   writer.write_json("results.json", summary)
   return summary
+
+
+def skip_if_nonfinite(finite: jax.Array, new: Any, old: Any) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+  """``(new if finite else old, nonfinite metric)``: the guard every stage step applies to its update.
+
+  ``finite`` is a boolean scalar (e.g. :func:`all_finite` of the loss and gradients). A NaN then
+  never reaches the parameters or a checkpoint, and :func:`fit` stops at the step that met it.
+  """
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return kept, (1.0 - finite.astype(jnp.float32), jnp.float32(1.0))
+
+
+def all_finite(*trees) -> jax.Array:
+  """Whether every leaf of ``trees`` is finite (a boolean scalar)."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _raise_if_nonfinite(flags: list[jax.Array], window_start: int, checkpointer) -> None:

@@ -12,7 +12,7 @@ from kdjax import models, parallel
 from kdjax.config import default_stage_config
 from kdjax.methods import attention_transfer
 from kdjax.methods.objective import make_objective
-from kdjax.train import create_train_state, make_train_step, train_and_evaluate
+from kdjax.train import StageProgress, create_train_state, make_train_step, train_and_evaluate
 
 WIDTHS = (4, 4, 8, 8)
 GUIDED = ("conv1", "bn1", "layer1_0", "layer2_0")  # resnet8: the layers up to stage 2
@@ -67,7 +67,7 @@ def one_step(method, loss, mesh):
     ("attention_transfer", {"alpha": 0.9}),
     ("fsp", {}),
     ("fitnets_hint", {}),
-    ("fitnets_kd", {"lambda_decay_steps": 10}),
+    ("fitnets_kd", {"lambda_decay_fraction": 0.5}),
     ("fitnets_one_stage", {}),
 ])
 def test_each_stage_step_on_eight_devices_equals_one_device(method, loss):
@@ -97,7 +97,7 @@ def test_fitnets_two_stages(tmp_path, teacher):
   # Stage 2 starts from stage 1's guided layers and fresh upper layers; the regressor is gone.
   stage2 = config(method="fitnets_kd", teacher_workdir=teacher, init_from=str(tmp_path / "stage1"),
                   init_layers=GUIDED, num_steps=0, num_epochs=0, seed=1)
-  stage2.loss = {"lambda_decay_steps": 10}
+  stage2.loss = {"lambda_decay_fraction": 0.5}
   train_and_evaluate(stage2, str(tmp_path / "stage2_at0"), progress=False)
   start, fresh1 = variables_of(tmp_path / "stage2_at0")["params"], fresh_params(1)
   assert set(start) == set(fresh1)
@@ -105,13 +105,20 @@ def test_fitnets_two_stages(tmp_path, teacher):
     assert_trees_close(start[name], (after if name in GUIDED else fresh1)[name], rtol=0, atol=0)
 
 
-def test_fitnets_kd_lambda_anneals():
-  objective = make_objective("fitnets_kd", {"lambda_decay_steps": 10})
+def test_fitnets_kd_lambda_anneals_over_a_fraction_of_the_stage():
   logits = jnp.zeros((2, 3))
   out = models.ModelOutput(logits, {}, {})
   batch = {"label": jnp.zeros(2, jnp.int32), "label_mask": jnp.ones(2)}
-  lambdas = [float(objective.fn(out, out, batch, jnp.int32(s))[1]["lambda"][0]) for s in (0, 5, 10, 50)]
-  assert lambdas == pytest.approx([4.0, 2.5, 1.0, 1.0])
+  # 4 -> 1 over the first half of a 20-step stage, then flat; the same fractions in a 200-step stage.
+  objective = make_objective("fitnets_kd", {"lambda_decay_fraction": 0.5})
+  for total in (20, 200):
+    lambdas = [float(objective.fn(out, out, batch, StageProgress(jnp.int32(f * total), total))[1]["lambda"][0])
+               for f in (0, 0.25, 0.5, 0.9)]
+    assert lambdas == pytest.approx([4.0, 2.5, 1.0, 1.0])
+  # The default anneals over the whole stage, as the paper's 4 -> 1 over its 500 epochs.
+  objective = make_objective("fitnets_kd", {})
+  lam = objective.fn(out, out, batch, StageProgress(jnp.int32(75), 100))[1]["lambda"][0]
+  assert float(lam) == pytest.approx(4.0 - 3.0 * 0.75)
 
 
 def test_fsp_then_plain_training(tmp_path, teacher):

@@ -220,7 +220,7 @@ def test_one_stage_objective_trains_repdistillers_convreg_on_batch_statistics():
   aux = objective.init_aux(jax.random.key(2), student, teacher)
   assert set(aux) == {"conv", "bn"} and set(aux["bn"]) == {"scale", "bias"} and "bias" not in aux["conv"]
   batch = {"label": jnp.zeros((4,), jnp.int32), "label_mask": jnp.ones((4,))}
-  loss, _ = objective.fn(student, teacher, batch, 0, aux=aux)
+  loss, _ = objective.fn(student, teacher, batch, None, aux=aux)
   # Batch statistics: at initialisation (scale 1, bias 0) the regressor output is relu(x_hat).
   reg = fitnets.make_regressor(guided.shape, hint.shape, mode="same", kernel_size=3)
   mapped = fitnets._apply_regressor(reg, aux, guided)
@@ -230,5 +230,5 @@ def test_one_stage_objective_trains_repdistillers_convreg_on_batch_statistics():
   np.testing.assert_allclose(mapped, jax.nn.relu((conv_out - mean) / jnp.sqrt(var + 1e-5)), rtol=1e-4, atol=1e-4)
   expected = 100.0 * fitnets.hint_loss(mapped, hint, reduction="mean") + 2.302585
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  grads = jax.grad(lambda a: objective.fn(student, teacher, batch, 0, aux=a)[0].mean())(aux)
+  grads = jax.grad(lambda a: objective.fn(student, teacher, batch, None, aux=a)[0].mean())(aux)
   assert float(jnp.abs(grads["bn"]["scale"]).sum()) > 0

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import serialization
 
 from kdjax import checkpoint as ckpt
 from kdjax import models, parallel, reproduce
@@ -21,7 +22,6 @@ from kdjax.data import epoch_order
 from kdjax.errors import MissingCheckpointError, NonFiniteError, UnknownNameError
 from kdjax.methods.objective import make_objective
 from kdjax.train import (
-  StopTraining,
   create_train_state,
   make_lr_schedule,
   make_optimizer,
@@ -125,12 +125,25 @@ def test_teacher_is_never_written(tmp_path, teacher_dir):
   assert set(student_vars["params"]) == {"dense_0", "head"}  # only the student's own layers
 
 
+class StopTraining(Exception):
+  """Raised by :func:`crash_after` to interrupt a run between steps."""
+
+
+def crash_after(step: int):
+  """A ``fit`` callback that stops the run after ``step`` as if the process had died there."""
+  def callback(done, state):
+    del state
+    if done == step:
+      raise StopTraining(f"interrupted after step {done}")
+  return callback
+
+
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
   config = tiny_config(model_kwargs={"hidden": (32,), "dropout_hidden": 0.2}, jitter=1, num_steps=10,
                        checkpoint_every_steps=3)
   train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
   with pytest.raises(StopTraining):
-    train_and_evaluate(config, str(tmp_path / "resumed"), progress=False, interrupt_after_step=7)
+    train_and_evaluate(config, str(tmp_path / "resumed"), progress=False, callbacks=[crash_after(7)])
   assert params_of(tmp_path / "resumed")[1] == 6  # the last checkpoint before the "crash"
   train_and_evaluate(config, str(tmp_path / "resumed"), progress=False)
   assert_trees_equal(params_of(tmp_path / "straight")[0], params_of(tmp_path / "resumed")[0], exact=True)
@@ -185,7 +198,8 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path):
         f.write(b"garbage")
   state = create_train_state(models.get("mlp", hidden=(32,), num_classes=10), optax.adam(1e-3),
                              jnp.zeros((1, 8, 8, 1)), seed=0)
-  restored = ckpt.Checkpointer(str(workdir)).restore_latest(jax.tree.map(np.asarray, state.as_dict()))
+  restored = ckpt.Checkpointer(str(workdir)).restore_latest(
+      jax.tree.map(np.asarray, serialization.to_state_dict(state)))
   assert int(restored["step"]) == 4
   # Re-running the stage resumes from step 4 and finishes; the result equals an undamaged run.
   train_and_evaluate(config, str(workdir), progress=False)
@@ -230,8 +244,9 @@ def test_missing_teacher_checkpoint_is_explained(tmp_path):
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path):
-  with pytest.raises(UnknownNameError, match="unknown method 'nope'; expected one of: attention_transfer, "
-                     "fitnets_hint, fitnets_kd, fitnets_one_stage, fsp, mimic, soft_targets, supervised"):
+  with pytest.raises(UnknownNameError, match="unknown method 'nope'; expected one of: adversarial, "
+                     "attention_transfer, attention_transfer_gradient, fitnets_hint, fitnets_kd, "
+                     "fitnets_one_stage, fsp, mimic, rocket_launching, soft_targets, supervised"):
     train_and_evaluate(tiny_config(method="nope"), str(tmp_path / "a"), progress=False)
   with pytest.raises(UnknownNameError, match="unknown model 'nope'"):
     train_and_evaluate(tiny_config(model="nope"), str(tmp_path / "b"), progress=False)

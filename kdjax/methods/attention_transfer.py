@@ -264,8 +264,8 @@ def make_objective(*, student_layers, teacher_layers, beta: float, p: float, mod
     raise unknown_name("attention_transfer mode", mode, _MODES)
   weight = beta if mode == "code" else beta / 2
 
-  def fn(student, teacher, batch, step):
-    del step
+  def fn(student, teacher, batch, progress):
+    del progress
     at = attention_loss_pairs([student.features[n] for n in student_layers],
                               [teacher.features[n] for n in teacher_layers], p=p, mode=mode)
     task = task_loss(student.logits, teacher.logits, batch["label"], label_mask=batch["label_mask"], alpha=alpha,

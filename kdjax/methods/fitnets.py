@@ -302,8 +302,8 @@ def make_hint_objective(*, guided_layer: str, hint_layer: str, regressor: str, r
     guided, hint = student.features[guided_layer], teacher.features[hint_layer]
     return _regressor_for(guided, hint, **reg_kwargs).init(rng, jnp.zeros(guided.shape, guided.dtype))["params"]
 
-  def fn(student, teacher, batch, step, *, aux):
-    del batch, step
+  def fn(student, teacher, batch, progress, *, aux):
+    del batch, progress
     guided, hint = student.features[guided_layer], teacher.features[hint_layer]
     mapped = _apply_regressor(_regressor_for(guided, hint, **reg_kwargs), aux, guided)
     loss = hint_loss(mapped, hint, reduction=reduction,
@@ -315,20 +315,24 @@ def make_hint_objective(*, guided_layer: str, hint_layer: str, regressor: str, r
 
 def kd_loss_config() -> dict:
   """``config.loss`` fields of stage 2 (``fitnets_kd``): τ = 3, λ annealed 4 → 1 (§4.1)."""
-  return {"temperature": 3.0, "lambda_start": 4.0, "lambda_end": 1.0, "lambda_decay_steps": 1000}
+  return {"temperature": 3.0, "lambda_start": 4.0, "lambda_end": 1.0, "lambda_decay_fraction": 1.0}
 
 
-def make_kd_objective(*, temperature: float, lambda_start: float, lambda_end: float, lambda_decay_steps: int):
+def make_kd_objective(*, temperature: float, lambda_start: float, lambda_end: float,
+                      lambda_decay_fraction: float):
   """Stage 2 (Eq. 2): the whole student on ``CE + λ(step)·H(P_T^τ, P_S^τ)``, no τ², no hint term.
 
-  The label term is dropped for unlabelled transfer-set examples (``batch["label_mask"]``).
+  ``λ`` goes linearly from ``lambda_start`` to ``lambda_end`` over the first ``lambda_decay_fraction`` of
+  the stage's steps (the paper: 4 → 1 over its whole 500-epoch stage, so 1.0), then stays flat; being a
+  fraction of the stage, the schedule fits any dataset size and epoch count. The label term is dropped
+  for unlabelled transfer-set examples (``batch["label_mask"]``).
   """
   from kdjax.methods.objective import Objective
   from kdjax.methods.soft_targets import hard_label_loss
-  check_positive("lambda_decay_steps", lambda_decay_steps)
+  check_positive("lambda_decay_fraction", lambda_decay_fraction)
 
-  def fn(student, teacher, batch, step):
-    lam = annealed_weight(step, start=lambda_start, end=lambda_end, decay_steps=lambda_decay_steps)
+  def fn(student, teacher, batch, progress):
+    lam = annealed_weight(progress.fraction, start=lambda_start, end=lambda_end, decay_steps=lambda_decay_fraction)
     soft = kd_loss_no_t2(student.logits, teacher.logits, batch["label"], temperature=temperature,
                          soft_weight=lam, hard_weight=0.0)
     hard = hard_label_loss(student.logits, batch["label"]) * batch["label_mask"]
@@ -357,8 +361,8 @@ def make_one_stage_objective(*, guided_layer: str, hint_layer: str, regressor: s
                                        regressor_activation=regressor_activation, kernel_size=kernel_size,
                                        reduction="mean")
 
-  def fn(student, teacher, batch, step, *, aux):
-    hint, _ = hint_objective.fn(student, teacher, batch, step, aux=aux)
+  def fn(student, teacher, batch, progress, *, aux):
+    hint, _ = hint_objective.fn(student, teacher, batch, progress, aux=aux)
     task = task_loss(student.logits, teacher.logits, batch["label"], label_mask=batch["label_mask"], alpha=alpha,
                      temperature=temperature)
     return task + beta * hint, {"hint": hint}

@@ -165,8 +165,8 @@ def make_objective(*, student_layers, teacher_layers, mode: str, weights):
                      f"{student_layers} and {teacher_layers}")
   weights = tuple(weights) or None
 
-  def fn(student, teacher, batch, step):
-    del batch, step
+  def fn(student, teacher, batch, progress):
+    del batch, progress
     loss = fsp_loss([student.features[n] for n in student_layers], [teacher.features[n] for n in teacher_layers],
                     mode=mode, weights=weights)
     return loss, {"fsp": loss}

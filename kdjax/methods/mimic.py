@@ -66,7 +66,7 @@ def make_objective():
   """The training objective: :func:`mimic_loss`; labels are not used (the paper has no hard term)."""
   from kdjax.methods.objective import Objective
 
-  def fn(student, teacher, batch, step):
-    del batch, step
+  def fn(student, teacher, batch, progress):
+    del batch, progress
     return mimic_loss(student.logits, teacher.logits), {}
   return Objective(fn, needs_teacher=True)

@@ -172,8 +172,8 @@ def make_objective(*, temperature: float, alpha: float, ensemble_mean: str):
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha (the soft-term weight) must be in [0, 1], got {alpha}")
 
-  def fn(student, teacher, batch, step):
-    del step
+  def fn(student, teacher, batch, progress):
+    del progress
     loss = distillation_loss(student.logits, teacher.logits, batch["label"], temperature=temperature,
                              alpha=alpha, label_mask=batch["label_mask"], ensemble_mean=ensemble_mean)
     return loss, {}

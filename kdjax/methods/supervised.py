@@ -13,7 +13,7 @@ def default_loss_config() -> dict:
 
 def make_objective() -> Objective:
   """Cross-entropy with integer labels, masked by ``batch["label_mask"]`` (unlabelled → 0)."""
-  def fn(student, teacher, batch, step):
-    del teacher, step
+  def fn(student, teacher, batch, progress):
+    del teacher, progress
     return hard_label_loss(student.logits, batch["label"]) * batch["label_mask"], {}
   return Objective(fn)

@@ -112,7 +112,6 @@ def get_config(arg: str = "student_fitnet") -> ml_collections.ConfigDict:
     stage1_epochs = 10
   if variant in ("teacher", "student_alone"):
     return c
-  steps_per_epoch = (50000 if full else 1000) // c.batch_size
   guided_layers = GUIDED_LAYERS[c.model]
   if variant == "student_fitnet_stage1":
     c.method = "fitnets_hint"
@@ -130,7 +129,7 @@ def get_config(arg: str = "student_fitnet") -> ml_collections.ConfigDict:
   # student_kd and student_fitnet: the paper's stage-2 KD loss, λ 4 -> 1 linearly over the stage.
   c.method = "fitnets_kd"
   c.loss = ml_collections.ConfigDict({"temperature": 3.0, "lambda_start": 4.0, "lambda_end": 1.0,
-                                      "lambda_decay_steps": c.num_epochs * steps_per_epoch})
+                                      "lambda_decay_fraction": 1.0})
   if variant == "student_fitnet":
     c.init_from = "@student_fitnet_stage1"
     c.init_layers = guided_layers

@@ -19,6 +19,14 @@ def test_list_shows_papers_datasets_models(capsys):
   assert "200,186 params" in out  # mimic_mlp: 784*64 + 64*2000 + 2000 + 2000*10 + 10
 
 
+def test_list_methods_shows_every_registered_method(capsys):
+  from kdjax.methods.objective import METHODS
+  assert main(["list", "methods"]) == 0
+  out = capsys.readouterr().out
+  for name in ("rocket_launching", "adversarial", "attention_transfer_gradient", *METHODS):
+    assert f"  {name} " in out
+
+
 @pytest.mark.parametrize("paper, seeds", [("soft_targets", 2), ("mimic", 1)])
 def test_reproduce_smoke_writes_table_json_and_chart(tmp_path, capsys, paper, seeds):
   workdir = tmp_path / paper

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from flax import serialization
 
 from kdjax import checkpoint as ckpt
-from kdjax import models, parallel, reproduce
+from kdjax import models, parallel, reproduce, train
 from kdjax.cli import main
 from kdjax.config import apply_overrides, default_stage_config
 from kdjax.data import epoch_order
@@ -372,3 +373,88 @@ def test_full_paper_configs_step_at_the_papers_epochs(paper, variant, steps_per_
   else:
     assert c.lr_schedule == "step"
     assert step_boundaries(c.lr_boundaries, c.lr_decay_factor, num_steps) == pytest.approx(want)
+
+
+class TwoOptimizerState(flax.struct.PyTreeNode):
+  """A stage state unlike TrainState: two parameter groups with two optimizer states."""
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: object
+  critic: jax.Array
+  critic_opt_state: object
+  rng: jax.Array
+
+
+def two_optimizer_program(num_steps=6):
+  """A toy stage program: the student (SGD) fits noisy targets a critic (Adam) moves towards."""
+  model = models.get("mlp", hidden=(8,), num_classes=3)
+  student_tx, critic_tx = optax.sgd(0.1, momentum=0.9), optax.adam(1e-2)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  state = TwoOptimizerState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={},
+                            opt_state=student_tx.init(variables["params"]), critic=jnp.zeros((3,)),
+                            critic_opt_state=critic_tx.init(jnp.zeros((3,))), rng=jax.random.PRNGKey(1))
+
+  def step(state, batch):
+    noise = jax.random.normal(jax.random.fold_in(state.rng, state.step), (3,))
+    def student_loss(params):
+      logits = model.apply({"params": params}, batch["image"])
+      return jnp.mean(jnp.square(logits - state.critic - noise))
+    loss, grads = jax.value_and_grad(student_loss)(state.params)
+    updates, opt_state = student_tx.update(grads, state.opt_state, state.params)
+    critic_grad = jax.grad(lambda c: jnp.sum(jnp.square(c - jnp.mean(batch["image"]))))(state.critic)
+    critic_updates, critic_opt_state = critic_tx.update(critic_grad, state.critic_opt_state, state.critic)
+    new, nonfinite = train.skip_if_nonfinite(
+        train.all_finite(loss, grads), (optax.apply_updates(state.params, updates), opt_state),
+        (state.params, state.opt_state))
+    return state.replace(step=state.step + 1, params=new[0], opt_state=new[1],
+                         critic=optax.apply_updates(state.critic, critic_updates),
+                         critic_opt_state=critic_opt_state), {"loss": train.mean_metric(loss), "nonfinite": nonfinite}
+
+  rng = np.random.default_rng(0)
+  data = rng.normal(size=(num_steps, 8, 4)).astype(np.float32)
+
+  def batches(start):
+    return ({"image": jnp.asarray(data[s])} for s in range(start, num_steps))
+  return state, step, batches
+
+
+def run_fit(workdir, callbacks=(), num_steps=6):
+  state, step, batches = two_optimizer_program(num_steps)
+  return train.fit(state, step, batches=batches, num_steps=num_steps, workdir=str(workdir),
+                   mesh=parallel.make_mesh(), evaluate=lambda s: {"critic": float(jnp.sum(s.critic))},
+                   checkpoint_every_steps=2, log_every_steps=1, progress=False, callbacks=callbacks)
+
+
+def test_fit_resumes_a_state_with_two_optimizers_bit_identically(tmp_path):
+  straight = run_fit(tmp_path / "straight")
+  with pytest.raises(StopTraining):
+    run_fit(tmp_path / "resumed", callbacks=[crash_after(5)])
+  template = serialization.to_state_dict(two_optimizer_program()[0])
+  latest = ckpt.Checkpointer(str(tmp_path / "resumed")).restore_latest(jax.tree.map(np.asarray, template))
+  assert int(latest["step"]) == 4  # the last checkpoint before the "crash"
+  resumed = run_fit(tmp_path / "resumed")
+  assert straight["critic"] == resumed["critic"] and straight["steps"] == 6
+  full = [ckpt.Checkpointer(str(tmp_path / d)).restore_latest(jax.tree.map(np.asarray, template))
+          for d in ("straight", "resumed")]
+  assert int(full[0]["step"]) == int(full[1]["step"]) == 6
+  assert_trees_equal(full[0], full[1], exact=True)  # both optimizer states included
+  # The student's variables sit where teacher loading reads them.
+  assert set(full[1]["params"]) == {"dense_0", "head"}
+
+
+def test_fit_requires_the_nonfinite_metric(tmp_path):
+  state, step, batches = two_optimizer_program()
+
+  def unguarded(state, batch):
+    new_state, metrics = step(state, batch)
+    return new_state, {"loss": metrics["loss"]}
+  with pytest.raises(ValueError, match=r"must report a 'nonfinite' metric.*\['loss'\]"):
+    train.fit(state, unguarded, batches=batches, num_steps=6, workdir=str(tmp_path / "run"),
+              mesh=parallel.make_mesh(), evaluate=dict, progress=False)
+
+
+def test_a_teacher_given_to_a_method_that_uses_none_is_refused_before_config_json(tmp_path, teacher_dir):
+  with pytest.raises(ValueError, match="method 'supervised' uses no teacher, but teacher_workdir="):
+    train_and_evaluate(tiny_config(teacher_workdir=teacher_dir), str(tmp_path / "run"), progress=False)
+  assert ckpt.read_config(str(tmp_path / "run")) is None

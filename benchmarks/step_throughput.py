@@ -48,9 +48,12 @@ import numpy as np
 
 from kdjax import models, parallel, train
 from kdjax.config import default_stage_config
-from kdjax.methods.objective import make_objective
+from kdjax.methods.objective import make_method
 from kdjax.models import onednn
 
+# Stands, in a loss config below, for the pair's teacher model name (Rocket Launching's booster is trained
+# jointly with the student, so the "teacher" of a pair is built inside the method's step).
+TEACHER = "<pair teacher>"
 # Benchmark name -> (registered kdjax method, loss-config overrides).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "kd": ("soft_targets", {"temperature": 4.0, "alpha": 0.9, "ensemble_mean": "arithmetic"}),
@@ -109,17 +112,25 @@ class Config:
     cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay = "sgd", 0.05, 0.9, 5e-4
     tx = train.make_optimizer(cfg, 1000)
     loss = METHODS[name][1] if name in METHODS else {}
-    objective = make_objective(method, loss)
+    loss = {k: (teacher if v == TEACHER else v) for k, v in loss.items()}  # e.g. Rocket's booster = the pair's teacher
+    # Every method's step as `kdjax train` builds it: the shared distillation step for an Objective, the
+    # paper's own stage program otherwise (Rocket Launching, adversarial KD, gradient-based AT).
+    program = train.as_program(make_method(method, loss))
     student_model = models.get(student, num_classes=NUM_CLASSES)
     teacher_models, teacher_vars = (), ()
     example = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
-    if mode == "live":
+    if mode == "live" and program.needs_teacher:
       tm = models.get(teacher, num_classes=NUM_CLASSES)
       teacher_models = (tm,)
       teacher_vars = (tm.init(jax.random.PRNGKey(seed + 1), example, train=False),)
-    state = train.create_train_state(student_model, tx, example, seed, objective=objective,
-                                     teacher_models=teacher_models, teacher_variables=teacher_vars)
+    cfg.seed = seed
+    setup = train.Setup(config=cfg, workdir="", mesh=mesh, dataset=None, transfer_set=None, student=student_model,
+                        teacher_models=list(teacher_models), teacher_variables=list(teacher_vars), num_steps=1000,
+                        tx=tx, cached_teacher=mode == "cached", example=example, init_variables=None)
+    state = program.init_state(setup)
     if dt != jnp.float32:
+      if not isinstance(state, train.TrainState):
+        raise SystemExit(f"--dtype {dtype} is implemented for the shared distillation step only, not {method!r}")
       params, aux = _cast(state.params, dt), _cast(state.aux_params, dt)
       # The student's BatchNorm running statistics stay float32 (Flax updates them in float32).
       state = state.replace(params=params, aux_params=aux, opt_state=tx.init((params, aux)))
@@ -130,8 +141,7 @@ class Config:
             "label_mask": np.ones(batch, np.float32)}
     if mode == "cached":
       host["teacher_logits"] = rng.standard_normal((batch, 1, NUM_CLASSES)).astype(np.float32)
-    step = train.make_train_step(student=student_model, objective=objective, tx=tx, teacher_models=teacher_models,
-                                 cached_teacher=mode == "cached")
+    step = program.make_step(setup)
     self.state = parallel.replicate(state, mesh)
     self.batch = parallel.shard_batch(host, mesh)
     self.teacher_args = parallel.replicate(teacher_vars, mesh)

@@ -215,19 +215,26 @@ class WideResNet(nn.Module):
   Unlike RepDistiller, which re-applies those BNs to produce the ``preact`` list (so in training
   mode their running statistics get updated twice per step), the BN outputs are captured from
   the forward pass itself.
+
+  ``num_groups < 3`` keeps only the first groups (same layer names), then the same BN-ReLU, global
+  pooling and ``fc`` head on the last kept map (``bn_final``'s output is ``stage{num_groups}_preact``):
+  Rocket Launching's "bottom" light net is WRN-40-k with ``num_groups=2`` (a 16x16 map for 32x32 inputs).
   """
   depth: int = 16
   widen_factor: int = 1
   num_classes: int = 100
   dropout: float = 0.0
+  num_groups: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     _check_nhwc(self, x)
     if (self.depth - 4) % 6 != 0 or self.depth < 10:
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...); got {self.depth}")
+    if self.num_groups not in (1, 2, 3):
+      raise ValueError(f"WideResNet num_groups must be 1, 2 or 3; got {self.num_groups}")
     blocks_per_group = (self.depth - 4) // 6
-    widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
+    widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)[:self.num_groups]
     x = _conv3x3(16, name="conv1")(x)
     sow_feature(self, "stem", x)
     for group, width in enumerate(widths):
@@ -239,7 +246,7 @@ class WideResNet(nn.Module):
           sow_feature(self, f"stage{group}_preact", normed_input)
       sow_feature(self, f"stage{group + 1}", x)
     x = _batch_norm(train, "bn_final")(x)
-    sow_feature(self, "stage3_preact", x)
+    sow_feature(self, f"stage{self.num_groups}_preact", x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     sow_feature(self, "pooled", x)
     logits = nn.Dense(self.num_classes, kernel_init=_torch_linear_kernel_init,
@@ -342,6 +349,21 @@ def _register_wrn(depth: int, widen_factor: int) -> None:
 
 for _depth, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
   _register_wrn(_depth, _k)
+
+
+def _register_wrn_bottom(depth: int, widen_factor: int) -> None:
+  name = f"wrn_{depth}_{widen_factor}_bottom"
+
+  def factory(**kwargs) -> WideResNet:
+    return WideResNet(**{"depth": depth, "widen_factor": widen_factor, "num_groups": 2, **kwargs})
+  factory.__name__ = name
+  register(name, input_shape=CIFAR_INPUT,
+           description=f"the first two groups of WRN-{depth}-{widen_factor} + own BN-ReLU, pool, fc on the 16x16 map "
+                       "(Rocket Launching's 'bottom' light net)")(factory)
+
+
+for _depth, _k in ((40, 1), (40, 2)):
+  _register_wrn_bottom(_depth, _k)
 
 
 def _register_vgg(name: str, config: str) -> None:

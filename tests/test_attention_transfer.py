@@ -10,6 +10,8 @@ from jax.test_util import check_grads
 
 from kdjax.errors import UnknownNameError
 from kdjax.methods import attention_transfer as at
+from kdjax.methods.objective import make_objective
+from kdjax.models import ModelOutput
 
 
 def _randn(seed, shape, dtype=np.float32):
@@ -84,12 +86,41 @@ def test_identical_features_give_zero_loss_and_zero_grad_and_dead_maps_stay_fini
   assert float(dead_loss) == 0.0 and np.all(np.isfinite(dead_grad))
 
 
-def test_paper_mode_is_the_non_squared_norm():
+def test_paper_mode_is_the_non_squared_norm_over_the_map_size():
   s = _randn(0, (3, 4, 4, 2))
   t = _randn(1, (3, 4, 4, 5))
   code, paper = jax.jit(lambda s, t: (at.attention_loss(s, t), at.attention_loss(s, t, mode="paper")))(s, t)
   assert code.shape == paper.shape == (3,)
-  np.testing.assert_allclose(paper, np.sqrt(code * 16), rtol=1e-5)
+  # code: mean_hw Δ² = ‖Δ‖²/16; paper: ‖Δ‖/16 (H·W = 16)
+  np.testing.assert_allclose(paper, np.sqrt(code * 16) / 16, rtol=1e-5)
+
+
+def test_paper_mode_scale_by_hand():
+  """The paper's (β/2)·‖a_s − a_t‖₂ with β divided by H·W (and the batch size, by the batch mean)."""
+  def one_hot_map(h, w, i, j):  # a single active position: the normalised map is that one-hot vector
+    f = np.zeros((1, h, w, 3), np.float32)
+    f[0, i, j, :] = 2.0
+    return f
+  # example 0, 2×2 maps: one-hot at (0, 0) vs one-hot at (0, 1): ‖Δ‖ = √2, H·W = 4
+  # example 1, 2×2 maps: all-equal map (1/2 everywhere) vs one-hot at (0, 0): Δ = (−1/2, 1/2, 1/2, 1/2), ‖Δ‖ = 1
+  s = np.concatenate([one_hot_map(2, 2, 0, 0), np.ones((1, 2, 2, 3), np.float32)])
+  t = np.concatenate([one_hot_map(2, 2, 0, 1), one_hot_map(2, 2, 0, 0)])
+  # 4×4 maps: one-hot at (0, 0) vs (3, 3): ‖Δ‖ = √2, H·W = 16
+  s4, t4 = one_hot_map(4, 4, 0, 0), one_hot_map(4, 4, 3, 3)
+  paper, code, paper4 = jax.jit(lambda s, t, s4, t4: (
+      at.attention_loss(s, t, mode="paper"), at.attention_loss(s, t), at.attention_loss(s4, t4, mode="paper")))(
+          s, t, s4, t4)
+  np.testing.assert_allclose(paper, [np.sqrt(2) / 4, 1 / 4], rtol=1e-6)
+  np.testing.assert_allclose(code, [2 / 4, 1 / 4], rtol=1e-6)
+  np.testing.assert_allclose(paper4, [np.sqrt(2) / 16], rtol=1e-6)
+  # the objective weights it by β/2 (paper) and adds the task loss; zero logits: CE = log(10)
+  objective = make_objective("attention_transfer", {"student_layers": ("a",), "teacher_layers": ("a",),
+                                                    "beta": 1000.0, "mode": "paper"})
+  logits = jnp.zeros((2, 10))
+  batch = {"label": jnp.zeros(2, jnp.int32), "label_mask": jnp.ones(2)}
+  loss, extras = objective.fn(ModelOutput(logits, {"a": s}, {}), ModelOutput(logits, {"a": t}, {}), batch, None)
+  np.testing.assert_allclose(loss, np.log(10) + 500 * np.array([np.sqrt(2) / 4, 1 / 4]), rtol=1e-5)
+  np.testing.assert_allclose(extras["attention"], [np.sqrt(2) / 4, 1 / 4], rtol=1e-6)
 
 
 def test_larger_map_is_average_pooled_like_adaptive_avg_pool():

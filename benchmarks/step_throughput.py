@@ -21,7 +21,12 @@ Usage::
 Methods: ``kd`` = ``soft_targets`` (T = 4, α = 0.9); ``fitnets`` = ``fitnets_one_stage`` (CE + 100 · hint
 loss through a 3x3 conv regressor on ``stage2``, RepDistiller's FitNet); ``at`` = ``attention_transfer``
 (β = 1000 on stage1..3); ``fsp`` = ``fsp`` (stage-1 FSP loss on stem, stage1..3, RepDistiller's ``'code'``
-scale: the paper's sum of squares diverges from random weights at this learning rate). ``--cached-teacher`` adds
+scale: the paper's sum of squares diverges from random weights at this learning rate); ``rocket`` =
+``rocket_launching`` (the pair's teacher is the booster, trained jointly with the student: WRN-40-k → WRN-16-k
+pairs, the code's interval sharing); ``adversarial`` = ``adversarial`` (a student update and a discriminator
+update per step); ``gradient_at`` = ``attention_transfer_gradient`` (student and teacher input gradients and
+double backprop). With ``--student-only`` every row gets ``time_vs_student_only``, its step time over the plain
+student step's of the same pair in the same run. ``--cached-teacher`` adds
 the KD step reading precomputed teacher logits from the batch (teacher features cannot be cached, so only
 ``kd``); ``--student-only`` adds the plain supervised student step (method ``supervised``). The optimizer is
 SGD (momentum 0.9, weight decay 5e-4), as in RepDistiller.
@@ -60,6 +65,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fitnets": ("fitnets_one_stage", {}),
     "at": ("attention_transfer", {}),
     "fsp": ("fsp", {"mode": "code"}),
+    # Methods with their own stage program. Rocket: the pair's teacher is the booster, trained jointly with
+    # the student (the code's interval sharing for a WRN-40-k / WRN-16-k pair).
+    "rocket": ("rocket_launching", {"booster_model": TEACHER, "booster_model_kwargs": {}}),
+    "adversarial": ("adversarial", {}),
+    "gradient_at": ("attention_transfer_gradient", {}),
 }
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)

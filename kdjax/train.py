@@ -620,9 +620,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
       summary["extra"] = program.evaluate(setup, state)
     return summary
 
+  # The step's third argument: the teacher variables, replicated (none when their logits come with the batches).
+  teacher_variables = () if setup.cached_teacher else parallel.replicate(tuple(setup.teacher_variables), setup.mesh)
   return fit(state, step, batches=stage_batches(setup), num_steps=setup.num_steps, workdir=workdir,
-             mesh=setup.mesh, evaluate=evaluate_stage,
-             step_args=(() if setup.cached_teacher else parallel.replicate(tuple(setup.teacher_variables), setup.mesh),),
+             mesh=setup.mesh, evaluate=evaluate_stage, step_args=(teacher_variables,),
              checkpoint_every_steps=config.checkpoint_every_steps, log_every_steps=config.log_every_steps,
              keep_checkpoints=config.keep_checkpoints, progress=progress, callbacks=callbacks,
              results={"teacher_cached": setup.cached_teacher})

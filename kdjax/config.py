@@ -91,6 +91,25 @@ def cifar_augmentation(config: ml_collections.ConfigDict, dataset: str) -> None:
   config.image_mean, config.image_std = CIFAR_CHANNEL_STATS[dataset]
 
 
+def wrn_cifar10_recipe(config: ml_collections.ConfigDict, *, lr_drop_epochs=(60, 120, 160)) -> None:
+  """The CIFAR-10 WRN recipe of the attention-transfer authors' ``cifar.py`` (PAPERS.md §5(b)), which Rocket
+  Launching's code and kdjax's adversarial-KD setting reuse: all 50,000 labelled images with
+  :func:`cifar_augmentation`, SGD (LR 0.1, momentum 0.9, weight decay 5e-4), batch 128, 200 epochs, LR ×0.2
+  at ``lr_drop_epochs`` (60/120/160; ``rocket_bottom.py`` uses 70/130/190)."""
+  cifar_augmentation(config, "cifar10")
+  config.labelled_examples = 0
+  config.include_unlabelled = False
+  config.optimizer = "sgd"
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.batch_size = 128
+  config.num_epochs = 200
+  config.lr_schedule = "step"
+  config.lr_boundaries = tuple(e / config.num_epochs for e in lr_drop_epochs)
+  config.lr_decay_factor = 0.2
+
+
 def parse_variant(arg: str, variants) -> tuple[str, bool]:
   """Splits a paper config argument ``"variant"`` or ``"variant,full"`` into ``(variant, full)``."""
   variant, _, scale = arg.partition(",")

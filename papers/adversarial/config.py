@@ -41,7 +41,7 @@ reductions of 0.85-1.37 points over the student alone, largest for the smallest 
 
 import ml_collections
 
-from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
+from kdjax.config import default_stage_config, parse_variant, wrn_cifar10_recipe
 
 PAPER = ("Xu, Hsu & Huang (2017), Training Shallow and Thin Networks for Acceleration via Knowledge "
          "Distillation with Conditional Adversarial Networks")
@@ -79,17 +79,7 @@ def get_config(arg: str = "small_full") -> ml_collections.ConfigDict:
   c.batch_size = 128                  # divisible by any power-of-two device count up to 128
   c.checkpoint_every_steps = 1000
   if full:
-    cifar_augmentation(c, "cifar10")  # pad-4 random crops, flips, channel standardisation
-    c.labelled_examples = 0
-    c.include_unlabelled = False
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.num_epochs = 200
-    c.lr_schedule = "step"
-    c.lr_boundaries = (60 / 200, 120 / 200, 160 / 200)
-    c.lr_decay_factor = 0.2
+    wrn_cifar10_recipe(c)             # crops, flips, standardisation; SGD 0.1, x0.2 at epochs 60/120/160 of 200
   else:
     c.dataset = "mnist5k"
     c.labelled_examples = 1000

@@ -52,7 +52,7 @@ AT+KD 7.51%, teacher 6.31%.
 
 import ml_collections
 
-from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
+from kdjax.config import default_stage_config, parse_variant, wrn_cifar10_recipe
 
 PAPER = "Zagoruyko & Komodakis (ICLR 2017), Paying More Attention to Attention"
 # CIFAR-10 test accuracy the paper reports (Table 1, WRN-16-1 student <- WRN-16-2 teacher). Student,
@@ -126,18 +126,7 @@ def get_config(arg: str = "student_at") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.lr_schedule = "cosine"
   if full:
-    cifar_augmentation(c, "cifar10")  # pad-4 random crops, flips, channel standardisation
-    c.labelled_examples = 0
-    c.include_unlabelled = False
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.num_epochs = 200
-    # The authors' cifar.py: LR x0.2 at epochs 60, 120, 160 of 200 (PAPERS.md §5(b)).
-    c.lr_schedule = "step"
-    c.lr_boundaries = (60 / 200, 120 / 200, 160 / 200)
-    c.lr_decay_factor = 0.2
+    wrn_cifar10_recipe(c)             # the authors' cifar.py: SGD 0.1, x0.2 at epochs 60/120/160 of 200
     c.model = "wrn_16_2" if variant == "teacher" else "wrn_16_1"
   else:
     c.dataset = "mnist5k"

@@ -41,7 +41,7 @@ verified ([M, low confidence]): ≈ 8.8% alone, ≈ 7.9% rocket, ≈ 7.5% rocket
 
 import ml_collections
 
-from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
+from kdjax.config import default_stage_config, parse_variant, wrn_cifar10_recipe
 
 PAPER = "Zhou et al. (AAAI 2018), Rocket Launching: A Universal and Efficient Framework for Training " \
         "Well-performing Light Net"
@@ -73,19 +73,8 @@ def get_config(arg: str = "student_rocket") -> ml_collections.ConfigDict:
   c = default_stage_config()
   c.batch_size = 128                  # divisible by any power-of-two device count up to 128
   c.checkpoint_every_steps = 1000
-  if full:
-    cifar_augmentation(c, "cifar10")  # pad-4 random crops, flips, channel standardisation
-    c.labelled_examples = 0
-    c.include_unlabelled = False
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.num_epochs = 200
-    c.lr_schedule = "step"
-    c.lr_decay_factor = 0.2
-    epochs = (70, 130, 190) if variant == "student_rocket_bottom" else (60, 120, 160)
-    c.lr_boundaries = tuple(e / 200 for e in epochs)
+  if full:                            # rocket_interval.py drops the LR at 60/120/160, rocket_bottom.py 70/130/190
+    wrn_cifar10_recipe(c, lr_drop_epochs=(70, 130, 190) if variant == "student_rocket_bottom" else (60, 120, 160))
     booster, booster_kwargs = "wrn_40_1", {}
     c.model = {"teacher": "wrn_40_1", "student_rocket_bottom": "wrn_40_1_bottom"}.get(variant, "wrn_16_1")
     shared = ("all_convs",)

@@ -11,9 +11,9 @@ import optax
 import pytest
 from conftest import assert_trees_close
 from jax.test_util import check_grads
+from test_train import tiny_config
 
 from kdjax import parallel, reproduce
-from kdjax.config import default_stage_config
 from kdjax.errors import UnknownNameError
 from kdjax.methods import adversarial as adv
 from kdjax.methods.objective import make_method
@@ -235,22 +235,6 @@ def test_step_compiles_once_on_eight_devices_and_a_nonfinite_step_changes_nothin
 
 
 # --- through the stage runner ---------------------------------------------------------------------------------
-
-
-def tiny_config(**fields):
-  """A stage on sklearn digits that trains in a second or two (as tests/test_train.py's)."""
-  c = default_stage_config()
-  c.dataset = "digits"
-  c.model = "mlp"
-  c.model_kwargs = {"hidden": (32,)}
-  c.batch_size = 16
-  c.num_steps = 8
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 4
-  c.eval_batch_size = 160
-  for key, value in fields.items():
-    c[key] = value
-  return c
 
 
 def adversarial_config(teacher_dir, **fields):

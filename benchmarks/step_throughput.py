@@ -45,6 +45,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 from typing import Any
 
 import jax
@@ -134,7 +135,9 @@ class Config:
       teacher_models = (tm,)
       teacher_vars = (tm.init(jax.random.PRNGKey(seed + 1), example, train=False),)
     cfg.seed = seed
-    setup = train.Setup(config=cfg, workdir="", mesh=mesh, dataset=None, transfer_set=None, student=student_model,
+    # No data is read: the stage programs only ask the dataset for its class count and example shape.
+    dataset = types.SimpleNamespace(num_classes=NUM_CLASSES, example_shape=IMAGE_SHAPE, test=None)
+    setup = train.Setup(config=cfg, workdir="", mesh=mesh, dataset=dataset, transfer_set=None, student=student_model,
                         teacher_models=list(teacher_models), teacher_variables=list(teacher_vars), num_steps=1000,
                         tx=tx, cached_teacher=mode == "cached", example=example, init_variables=None)
     state = program.init_state(setup)

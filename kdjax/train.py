@@ -88,6 +88,13 @@ class TrainState(flax.struct.PyTreeNode):
   aux_params: Any = flax.struct.field(default_factory=dict)
 
 
+# TrainState's checkpoint layout stays the one runs before the stage runner wrote (its fields with the optimizer
+# state as optax's own pytree), so those runs resume and re-evaluate instead of being taken for unreadable.
+serialization.register_serialization_state(
+    TrainState, lambda state: {f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+    lambda target, restored: target.replace(**restored), override=True)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_input: jax.Array,
                        seed: int, *, objective: Objective | None = None, teacher_models: Sequence[nn.Module] = (),
                        teacher_variables: Sequence[Any] = (), init_variables: Mapping[str, Any] | None = None

@@ -458,3 +458,22 @@ def test_a_teacher_given_to_a_method_that_uses_none_is_refused_before_config_jso
   with pytest.raises(ValueError, match="method 'supervised' uses no teacher, but teacher_workdir="):
     train_and_evaluate(tiny_config(teacher_workdir=teacher_dir), str(tmp_path / "run"), progress=False)
   assert ckpt.read_config(str(tmp_path / "run")) is None
+
+
+def test_a_run_checkpointed_before_the_stage_runner_resumes(tmp_path):
+  # The checkpoint layout of TrainState runs before the stage runner: its fields, the optimizer state as optax's
+  # own pytree. Such a run must resume from it, not be moved aside as unreadable and retrained.
+  config = tiny_config(num_steps=8, checkpoint_every_steps=4)
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, str(workdir), progress=False)
+  state = create_train_state(models.get("mlp", hidden=(32,), num_classes=10), optax.adam(1e-3),
+                             jnp.zeros((1, 8, 8, 1)), seed=0)
+  old_layout = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+                "opt_state": state.opt_state, "rng": state.rng, "aux_params": state.aux_params}
+  checkpointer = ckpt.Checkpointer(str(workdir))
+  restored = checkpointer.restore_latest(jax.tree.map(np.asarray, old_layout))
+  checkpointer.close()
+  assert int(restored["step"]) == 8
+  assert not (workdir / ckpt.UNREADABLE_DIR).exists()
+  assert train_and_evaluate(config, str(workdir), progress=False)["steps"] == 8
+  assert not (workdir / ckpt.UNREADABLE_DIR).exists()

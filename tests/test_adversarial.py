@@ -11,7 +11,7 @@ import optax
 import pytest
 from conftest import assert_trees_close
 from jax.test_util import check_grads
-from test_train import tiny_config
+from test_train import StopTraining, crash_after, tiny_config
 
 from kdjax import parallel, reproduce
 from kdjax.errors import UnknownNameError
@@ -255,18 +255,6 @@ def teacher_dir(tmp_path_factory):
   train_and_evaluate(tiny_config(model_kwargs={"hidden": (48,)}, num_steps=30), str(workdir), progress=False,
                      mesh=one_device())
   return str(workdir)
-
-
-class StopTraining(Exception):
-  """Raised by :func:`crash_after` to interrupt a run between steps."""
-
-
-def crash_after(step):
-  def callback(done, state):
-    del state
-    if done == step:
-      raise StopTraining(f"interrupted after step {done}")
-  return callback
 
 
 def final_state(store):

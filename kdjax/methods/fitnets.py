@@ -250,7 +250,8 @@ def annealed_weight(
   """FitNets' soft-target weight ``λ``: linear from ``start`` at step 0 to ``end`` at ``decay_steps``, then flat.
 
   The paper initialises λ to 4 and decays it linearly to 1 over 500 epochs on CIFAR (150 epochs on MNIST);
-  count ``step`` and ``decay_steps`` in the same unit (epochs or steps). jit-safe: ``step`` may be traced.
+  count ``step`` and ``decay_steps`` in the same unit (epochs, steps, or fractions of the stage as
+  :func:`make_kd_objective` does). jit-safe: ``step`` may be traced.
   Code differences: the CIFAR yaml starts at 5 and saturates at epoch 400; the MNIST yaml decays to 0.
   """
   check_positive("decay_steps", decay_steps)

@@ -88,12 +88,12 @@ def cmd_list(what: str) -> None:
 
 def cmd_train(args, overrides) -> None:
   from kdjax.config import apply_overrides, load_config
+  from kdjax.reproduce import describe_result
   from kdjax.train import train_and_evaluate
   config = load_config(args.config)
   apply_overrides(config, overrides)
   result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-  print(f"{args.workdir}: test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors / "
-        f"{result['test_examples']}) after {result['steps']} steps")
+  print(f"{args.workdir}: {describe_result(result)} after {result['steps']} steps")
 
 
 def cmd_reproduce(args, overrides) -> None:

@@ -44,6 +44,10 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.hflip = False                  # random horizontal flips
   c.image_mean = ()                # per-channel standardisation (empty = none)
   c.image_std = ()
+  c.test_dataset = ""              # evaluate on this dataset's test split ("" = the dataset's own)
+  c.held_out_classes = ()          # open-set retrieval: these classes are never trained on; their test
+                                   # examples are the retrieval set (results.json "retrieval")
+  c.embedding_feature = "embedding"  # the model feature retrieval ranks by (with held_out_classes)
   # Models.
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict()

@@ -8,7 +8,9 @@ a teacher get that seed's ``teacher`` run. A config may name another variant's r
 with ``"@<variant>"`` in ``init_from`` or ``teacher_workdir`` (e.g. ``c.init_from =
 "@student_fitnet_stage1"`` for the second stage of a two-stage method): it is resolved to
 ``<workdir>/seed_<s>/<variant>``, and that variant must come earlier in ``PROTOCOL`` (checked before
-anything is trained). Finished stages are not retrained when the command is run again (each stage
+anything is trained). A file a stage wrote is named with ``"@<variant>/<path>"`` in ``dataset``,
+``test_dataset`` or any string field of ``loss`` (e.g. ``c.dataset = "@reconstruct/reconstructed.npz"``).
+Finished stages are not retrained when the command is run again (each stage
 resumes from its checkpoints). The table printed and ``results.json`` hold only what this run
 measured; the paper's numbers stand beside them, labelled as the paper's.
 """
@@ -34,26 +36,47 @@ def load_paper(key: str):
 
 
 def resolve_run_references(config, *, seed_dir: str, variant: str, done: tuple[str, ...]) -> None:
-  """Replaces ``"@<variant>"`` in ``config.init_from``/``config.teacher_workdir`` by that run's folder.
+  """Replaces ``"@<variant>"`` and ``"@<variant>/<path>"`` by that run's folder (joined with ``path``).
 
-  ``done`` are the variants already trained in ``seed_dir`` (earlier in the protocol); a reference to
-  any other name is an error that lists them. Comma-separated teacher lists may mix both forms.
+  Looked for in ``init_from``, ``teacher_workdir`` (comma-separated lists may mix both forms),
+  ``dataset``, ``test_dataset`` and every string field of ``loss``. ``done`` are the variants already
+  trained in ``seed_dir`` (earlier in the protocol); a reference to any other name is an error that
+  lists them.
   """
-  for field in ("init_from", "teacher_workdir"):
-    value = config[field]
-    if "@" not in value:
-      continue
+  def resolve(field: str, value: str) -> str:
     parts = []
     for part in value.split(","):
       if part.startswith("@"):
-        name = part[1:]
+        name, _, rest = part[1:].partition("/")
         if name not in done:
           raise unknown_name(f"run referenced by {variant}'s {field} (a variant trained earlier in the "
                              "protocol)", name, done)
-        part = os.path.join(seed_dir, name)
+        part = os.path.join(seed_dir, name, rest) if rest else os.path.join(seed_dir, name)
       parts.append(part)
-    with config.unlocked():
-      config[field] = ",".join(parts)
+    return ",".join(parts)
+
+  for field in ("init_from", "teacher_workdir", "dataset", "test_dataset"):
+    if "@" in config[field]:
+      with config.unlocked():
+        config[field] = resolve(field, config[field])
+  for key, value in config.loss.items():
+    if isinstance(value, str) and value.startswith("@"):
+      with config.unlocked():
+        config.loss[key] = resolve(f"loss.{key}", value)
+
+
+def describe_result(result: dict) -> str:
+  """One line of a stage's results: test accuracy, retrieval, or (a stage that exports no model) its extras."""
+  parts = []
+  if "test_accuracy" in result:
+    parts.append(f"test accuracy {result['test_accuracy']:.4f} ({result['test_errors']} errors / "
+                 f"{result['test_examples']})")
+  if "retrieval" in result:
+    parts.append("retrieval " + ", ".join(f"{k} {v:.4f}" for k, v in result["retrieval"].items() if k != "queries"))
+  if not parts:
+    parts.append(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in result.get("extra", {}).items()) or "done")
+  return "; ".join(parts)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -91,21 +114,26 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
         config.teacher_workdir = os.path.join(seed_dir, "teacher")
       echo(f"[seed {seed}] {variant}: training in {stage_dir}")
       result = train_and_evaluate(config, stage_dir, progress=progress)
-      echo(f"[seed {seed}] {variant}: test accuracy {result['test_accuracy']:.4f} "
-           f"({result['test_errors']} errors / {result['test_examples']})")
+      echo(f"[seed {seed}] {variant}: {describe_result(result)}")
       run = runs.setdefault(variant, {"test_accuracy": [], "test_errors": [], "test_examples": []})
-      run["test_accuracy"].append(result["test_accuracy"])
-      run["test_errors"].append(result["test_errors"])
-      run["test_examples"].append(result["test_examples"])
+      if "test_accuracy" in result:  # a stage that exports no model (statistics, inputs) has none
+        run["test_accuracy"].append(result["test_accuracy"])
+        run["test_errors"].append(result["test_errors"])
+        run["test_examples"].append(result["test_examples"])
+      for name, value in result.get("retrieval", {}).items():  # held-out-class retrieval
+        if name != "queries":
+          run.setdefault("retrieval", {}).setdefault(name, []).append(float(value))
       for name, value in result.get("extra", {}).items():  # e.g. a jointly trained booster's accuracy
         if isinstance(value, int | float) and not isinstance(value, bool):
           run.setdefault("extra", {}).setdefault(name, []).append(float(value))
       configs[variant] = config.to_dict()
   for run in runs.values():
-    run.update({f"test_accuracy_{k}": v for k, v in _stats(run["test_accuracy"]).items()})
-    run.update({f"test_errors_{k}": v for k, v in _stats([float(e) for e in run["test_errors"]]).items()})
-    if "extra" in run:
-      run["extra_stats"] = {name: _stats(values) for name, values in run["extra"].items()}
+    if run["test_accuracy"]:
+      run.update({f"test_accuracy_{k}": v for k, v in _stats(run["test_accuracy"]).items()})
+      run.update({f"test_errors_{k}": v for k, v in _stats([float(e) for e in run["test_errors"]]).items()})
+    for group in ("retrieval", "extra"):
+      if group in run:
+        run[f"{group}_stats"] = {name: _stats(values) for name, values in run[group].items()}
   results = {
       "paper": paper.PAPER, "paper_key": key,
       "settings": {"seeds": seeds, "full": full, "dataset": dataset or configs[paper.PROTOCOL[0]]["dataset"],
@@ -129,12 +157,18 @@ def format_table(results: dict[str, Any]) -> str:
   """A Markdown table: measured mean ± std per run beside the paper's reported numbers."""
   s = results["settings"]
   has_extra = any("extra_stats" in run for run in results["runs"].values())
+  has_retrieval = any("retrieval_stats" in run for run in results["runs"].values())
   lines = [f"{results['paper']} — measured by kdjax on `{s['dataset']}` over {s['seeds']} seed(s)"
            f"{' (full scale)' if s['full'] else ' (small scale)'}; paper's numbers are the paper's own setting.",
            "",
            "| run | measured test accuracy (mean ± std) | measured test errors (mean ± std) | "
+           + ("measured held-out-class retrieval (mean ± std) | " if has_retrieval else "")
            + ("other measured (mean ± std) | " if has_extra else "") + "paper (reported) |",
-           "|---|---|---|" + ("---|" if has_extra else "") + "---|"]
+           "|---|---|---|" + ("---|" if has_retrieval else "") + ("---|" if has_extra else "") + "---|"]
+
+  def stats_text(stats: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in stats.items()) or "—"
+
   for name, run in results["runs"].items():
     paper = results["paper_results"].get(name)
     paper_text = "—"
@@ -144,14 +178,14 @@ def format_table(results: dict[str, Any]) -> str:
         parts.append(f"{paper['test_errors']} errors / {paper.get('test_examples', '?')}")
       parts += [f"{k} {v}" for k, v in paper.items() if k not in ("test_accuracy", "test_errors", "test_examples")]
       paper_text = ", ".join(parts)
-    extra_text = ""
-    if has_extra:
-      extra_text = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}"
-                             for k, v in run.get("extra_stats", {}).items()) or "—"
-      extra_text += " | "
-    lines.append(f"| {name} | {run['test_accuracy_mean']:.4f} ± {run['test_accuracy_std']:.4f} | "
-                 f"{run['test_errors_mean']:.1f} ± {run['test_errors_std']:.1f} / {run['test_examples'][0]} | "
-                 f"{extra_text}{paper_text} |")
+    retrieval_text = stats_text(run.get("retrieval_stats", {})) + " | " if has_retrieval else ""
+    extra_text = stats_text(run.get("extra_stats", {})) + " | " if has_extra else ""
+    if run["test_accuracy"]:
+      accuracy_text = (f"{run['test_accuracy_mean']:.4f} ± {run['test_accuracy_std']:.4f} | "
+                       f"{run['test_errors_mean']:.1f} ± {run['test_errors_std']:.1f} / {run['test_examples'][0]}")
+    else:
+      accuracy_text = "— | —"  # the stage trains no model
+    lines.append(f"| {name} | {accuracy_text} | {retrieval_text}{extra_text}{paper_text} |")
   return "\n".join(lines)
 
 
@@ -160,7 +194,7 @@ def plot_results(results: dict[str, Any], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  names = list(results["runs"])
+  names = [n for n, run in results["runs"].items() if run["test_accuracy"]]  # stages that export a model
   means = [100 * (1 - results["runs"][n]["test_accuracy_mean"]) for n in names]
   stds = [100 * results["runs"][n]["test_accuracy_std"] for n in names]
   fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))

@@ -420,10 +420,13 @@ class Setup:
     config: the stage config (validated).
     workdir: the stage's work directory (``config.json`` is already written).
     mesh: the ``("data",)`` device mesh.
-    dataset: the loaded (and standardised) dataset; ``dataset.test`` is evaluated at the end.
+    dataset: the loaded (and standardised) dataset; ``dataset.test`` is evaluated at the end
+      (``config.test_dataset``'s test split when that is set), ``dataset.retrieval`` is the
+      held-out-class retrieval set when ``config.held_out_classes`` is set.
     transfer_set: the training examples the stage iterates over (labelled and unlabelled).
     student: the model the stage exports (``config.model``): the state's ``params``/``batch_stats``
-      are its variables, and later stages load them as a teacher or through ``init_from``.
+      are its variables, and later stages load them as a teacher or through ``init_from``. ``None``
+      for a stage that exports no model (:attr:`StageProgram.exports_model`).
     teacher_models, teacher_variables: the teacher(s) of ``config.teacher_workdir`` (empty if the
       method uses none); the variables are host arrays, never trained.
     num_steps: the stage length in updates.
@@ -438,7 +441,7 @@ class Setup:
   mesh: Any
   dataset: kdata.Dataset
   transfer_set: kdata.TransferSet
-  student: nn.Module
+  student: nn.Module | None
   teacher_models: list
   teacher_variables: list
   num_steps: int
@@ -468,13 +471,24 @@ class StageProgram:
       they may be computed once when the inputs are not augmented.
     evaluate: ``evaluate(setup, state) -> dict`` of further results (e.g. a jointly trained
       teacher's test accuracy), written under ``"extra"`` in ``results.json``; the exported student's
-      test accuracy is always measured by the loop.
+      test accuracy is always measured by the loop. A stage that produces an artefact (statistics,
+      a dataset) writes it here, into ``setup.workdir``.
+    batches: ``batches(setup) -> batches(start_step)``, the stage's own batch source: it yields the
+      device batches of steps ``start_step .. num_steps-1`` and must be a pure function of the seed
+      and the step (so a resumed run continues exactly). ``None``: :func:`stage_batches`, shuffled
+      epochs of the transfer set.
+    exports_model: ``False`` for a stage that trains no model (it records statistics or optimises
+      inputs): no student is built from ``config.model`` (``setup.student`` is ``None``), the state
+      needs no ``params``/``batch_stats``, and the loop measures no test accuracy (``results.json``
+      holds ``extra`` and ``steps``).
   """
   init_state: Callable[[Setup], Any]
   make_step: Callable[[Setup], Callable]
   needs_teacher: bool = False
   cacheable_teacher: bool = False
   evaluate: Callable[[Setup, Any], dict[str, Any]] | None = None
+  batches: Callable[[Setup], Callable[[int], Iterator[dict[str, jax.Array]]]] | None = None
+  exports_model: bool = True
 
 
 def objective_program(objective: Objective) -> StageProgram:
@@ -538,13 +552,11 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   parallel.check_batch_size(config.batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  dataset = kdata.load(config.dataset, data_dir=config.data_dir or None)
-  if config.image_mean:
-    dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
+  dataset = load_stage_dataset(config)
   transfer_set = kdata.make_transfer_set(dataset, labelled_examples=config.labelled_examples,
                                          include_unlabelled=config.include_unlabelled,
                                          split_seed=config.split_seed)
-  student = build_model(config.model, config.model_kwargs, dataset.num_classes)
+  student = build_model(config.model, config.model_kwargs, dataset.num_classes) if program.exports_model else None
   teacher_models, teacher_variables = [], []
   if program.needs_teacher:
     if not config.teacher_workdir:
@@ -570,6 +582,41 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
                 num_steps=num_steps, tx=tx, cached_teacher=cached,
                 example=jnp.zeros((1, *dataset.example_shape), jnp.float32), init_variables=init_variables)
   return setup, program
+
+
+def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
+  """The stage's dataset: ``config.dataset``, tested on ``config.test_dataset`` (if set), standardised,
+  with ``config.held_out_classes`` split off as the retrieval set (if set)."""
+  dataset = kdata.load(config.dataset, data_dir=config.data_dir or None, require_test=not config.test_dataset)
+  if config.test_dataset:
+    dataset = kdata.with_test_split(dataset, kdata.load(config.test_dataset, data_dir=config.data_dir or None))
+  if config.image_mean:
+    dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
+  if config.held_out_classes:
+    dataset = kdata.hold_out_classes(dataset, config.held_out_classes)
+  return dataset
+
+
+def evaluate_retrieval(model: nn.Module, state: Any, split, mesh, *, feature: str, batch_size: int,
+                       ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """Leave-one-out retrieval on ``split`` (:func:`kdjax.retrieval.retrieval_metrics`) with the model's
+  ``feature`` (flattened per example) as the embedding."""
+  from kdjax.retrieval import retrieval_metrics
+  batch_size = _round_up(batch_size, mesh.size)
+
+  @jax.jit
+  def embed(params, batch_stats, images):
+    out = models.apply_model(model, _variables(params, batch_stats), images, train=False, features=(feature,))
+    return out.features[feature].reshape(images.shape[0], -1)
+
+  chunks = []
+  for batch in kdata.eval_batches(split, batch_size=batch_size, host_slice=parallel.process_slice(batch_size)):
+    emb = embed(state.params, state.batch_stats, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
+    if jax.process_count() > 1:
+      emb = multihost_utils.process_allgather(emb, tiled=True)
+    chunks.append(np.asarray(emb))
+  embeddings = np.concatenate(chunks)[:len(split)]
+  return retrieval_metrics(embeddings, np.asarray(split.labels), ks=ks)
 
 
 def stage_batches(setup: Setup) -> Callable[[int], Iterator[dict[str, jax.Array]]]:
@@ -620,16 +667,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   step = program.make_step(setup)
 
   def evaluate_stage(state) -> dict[str, Any]:
-    result = evaluate(setup.student, state, setup.dataset.test, setup.mesh, batch_size=config.eval_batch_size)
-    summary = {"test_accuracy": result["accuracy"], "test_errors": result["errors"],
-               "test_examples": result["examples"], "test_cross_entropy": result["cross_entropy"]}
+    summary: dict[str, Any] = {}
+    if program.exports_model:
+      result = evaluate(setup.student, state, setup.dataset.test, setup.mesh, batch_size=config.eval_batch_size)
+      summary = {"test_accuracy": result["accuracy"], "test_errors": result["errors"],
+                 "test_examples": result["examples"], "test_cross_entropy": result["cross_entropy"]}
+      if setup.dataset.retrieval is not None:
+        summary["retrieval"] = evaluate_retrieval(setup.student, state, setup.dataset.retrieval, setup.mesh,
+                                                  feature=config.embedding_feature,
+                                                  batch_size=config.eval_batch_size)
     if program.evaluate is not None:
       summary["extra"] = program.evaluate(setup, state)
     return summary
 
   # The step's third argument: the teacher variables, replicated (none when their logits come with the batches).
   teacher_variables = () if setup.cached_teacher else parallel.replicate(tuple(setup.teacher_variables), setup.mesh)
-  return fit(state, step, batches=stage_batches(setup), num_steps=setup.num_steps, workdir=workdir,
+  batches = program.batches(setup) if program.batches is not None else stage_batches(setup)
+  return fit(state, step, batches=batches, num_steps=setup.num_steps, workdir=workdir,
              mesh=setup.mesh, evaluate=evaluate_stage, step_args=(teacher_variables,),
              checkpoint_every_steps=config.checkpoint_every_steps, log_every_steps=config.log_every_steps,
              keep_checkpoints=config.keep_checkpoints, progress=progress, callbacks=callbacks,

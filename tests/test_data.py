@@ -145,3 +145,66 @@ def test_hflip_and_standardize():
   np.testing.assert_allclose(images, (ds.test.images[:3] - 0.5) / 0.25, rtol=1e-6)
   with pytest.raises(ValueError, match="one value per channel"):
     data.standardize(ds, [0.5, 0.5, 0.5], [1, 1, 1])
+
+
+def test_held_out_classes_relabel_the_seen_ones_and_keep_the_held_out_test_examples():
+  ds = data.load("digits")
+  split = data.hold_out_classes(ds, (7, 2))
+  assert split.num_classes == 8
+  train_labels = np.asarray(ds.train.labels)
+  assert len(split.train) == int(np.sum(~np.isin(train_labels, (2, 7))))
+  images, labels = split.train.get(np.arange(len(split.train)))
+  seen = [c for c in range(10) if c not in (2, 7)]
+  want_images, want_labels = ds.train.get(np.flatnonzero(~np.isin(train_labels, (2, 7))))
+  np.testing.assert_array_equal(images, want_images)
+  np.testing.assert_array_equal(np.asarray(seen)[labels], want_labels)  # 0..7 in ascending original order
+  np.testing.assert_array_equal(split.train.labels, labels)
+  _, retrieval_labels = split.retrieval.get(np.arange(len(split.retrieval)))
+  assert set(retrieval_labels.tolist()) == {2, 7}  # original ids, test split only
+  assert len(split.retrieval) == int(np.sum(np.isin(np.asarray(ds.test.labels), (2, 7))))
+  assert len(split.test) + len(split.retrieval) == len(ds.test)
+
+
+@pytest.mark.parametrize("classes, match", [
+    ((10,), r"distinct class ids in \[0, 10\)"), ((3, 3), "distinct"), (tuple(range(10)), "leaves no class")])
+def test_bad_held_out_classes_are_named(classes, match):
+  with pytest.raises(ValueError, match=match):
+    data.hold_out_classes(data.load("digits"), classes)
+
+
+def test_a_held_out_class_with_one_test_example_is_refused(tmp_path):
+  path = os.path.join(tmp_path, "few.npz")
+  np.savez(path, x_train=np.zeros((6, 2, 2, 1)), y_train=np.array([0, 0, 1, 1, 2, 2]),
+           x_test=np.zeros((4, 2, 2, 1)), y_test=np.array([0, 1, 1, 2]))
+  with pytest.raises(ValueError, match=r"\{2: 1\}.*fewer than 2 test examples"):
+    data.hold_out_classes(data.load(path), (1, 2))
+
+
+def test_train_only_npz_is_tested_on_another_dataset(tmp_path):
+  path = os.path.join(tmp_path, "train_only.npz")
+  digits = data.load("digits")
+  np.savez(path, x_train=digits.train.images[:50], y_train=np.arange(50) % 10)
+  with pytest.raises(ValueError, match="a train-only file needs --config.test_dataset"):
+    data.load(path)
+  ds = data.with_test_split(data.load(path, require_test=False), digits)
+  assert len(ds.test) == 300 and ds.num_classes == 10
+  with pytest.raises(ValueError, match=r"examples of shape \(28, 28, 1\)"):
+    data.with_test_split(data.load(path, require_test=False), data.load("mnist5k"))
+  np.savez(path, x_train=digits.train.images[:50], y_train=np.arange(50) % 4)
+  with pytest.raises(ValueError, match="has 10 classes, but the training dataset"):
+    data.with_test_split(data.load(path, require_test=False), digits)
+
+
+def test_class_balanced_batches_are_p_classes_by_k_examples_and_a_function_of_the_step():
+  ds = data.load("digits")
+  transfer = data.make_transfer_set(ds)
+  batches = data.ClassBalancedBatches(transfer, classes_per_batch=4, examples_per_class=3, seed=5)
+  first = batches.batch(7)
+  labels = first["label"].reshape(3, 4)  # example-major: row k = the k-th example of each class
+  assert len(set(labels[0].tolist())) == 4 and (labels == labels[0]).all()
+  assert len(set(first["index"].tolist())) == 12
+  np.testing.assert_array_equal(first["image"], data.ClassBalancedBatches(
+      transfer, classes_per_batch=4, examples_per_class=3, seed=5).batch(7)["image"])
+  assert not np.array_equal(batches.indices(8), batches.indices(7))
+  with pytest.raises(ValueError, match="need 11 classes with at least 3 labelled examples"):
+    data.ClassBalancedBatches(transfer, classes_per_batch=11, examples_per_class=3, seed=0)

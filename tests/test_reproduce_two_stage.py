@@ -1,6 +1,7 @@
 """``kdjax reproduce`` with two-stage methods: ``"@<variant>"`` names the same seed's earlier run."""
 
 import json
+import os
 import types
 
 import jax
@@ -89,3 +90,31 @@ def test_paper_protocols_build_and_reference_earlier_runs(paper):
     if not variant.startswith("teacher"):  # "teacher", or a second teacher such as AT's "teacher_mlp"
       assert variant.startswith("student_")
 
+
+
+def test_file_references_resolve_in_dataset_and_loss_fields():
+  c = default_stage_config()
+  c.dataset, c.test_dataset = "@reconstruct/reconstructed.npz", "mnist5k"
+  with c.unlocked():
+    c.loss.metadata, c.loss.kind = "@metadata/metadata.npz", "top_layer"
+  reproduce.resolve_run_references(c, seed_dir="w/seed_0", variant="v", done=("metadata", "reconstruct"))
+  assert c.dataset == os.path.join("w/seed_0", "reconstruct", "reconstructed.npz")
+  assert c.loss.metadata == os.path.join("w/seed_0", "metadata", "metadata.npz")
+  assert (c.test_dataset, c.loss.kind) == ("mnist5k", "top_layer")
+  c.dataset = "@later/x.npz"
+  with pytest.raises(UnknownNameError, match="'later'"):
+    reproduce.resolve_run_references(c, seed_dir="w/seed_0", variant="v", done=("metadata",))
+
+
+def test_table_shows_stages_without_a_model_and_retrieval_columns():
+  runs = {
+      "metadata": {"test_accuracy": [], "test_errors": [], "test_examples": [],
+                   "extra_stats": {"bytes": {"mean": 10.0, "std": 0.0}}},
+      "student": {"test_accuracy": [0.9], "test_errors": [10], "test_examples": [100], "test_accuracy_mean": 0.9,
+                  "test_accuracy_std": 0.0, "test_errors_mean": 10.0, "test_errors_std": 0.0,
+                  "retrieval_stats": {"mAP": {"mean": 0.5, "std": 0.1}}},
+  }
+  table = reproduce.format_table({"paper": "P", "settings": {"dataset": "d", "seeds": 1, "full": False},
+                                  "runs": runs, "paper_results": {}})
+  assert "| metadata | — | — | — | bytes 10.0000 ± 0.0000 | — |" in table
+  assert "| student | 0.9000 ± 0.0000 | 10.0 ± 0.0 / 100 | mAP 0.5000 ± 0.1000 | — | — |" in table

@@ -477,3 +477,83 @@ def test_a_run_checkpointed_before_the_stage_runner_resumes(tmp_path):
   assert not (workdir / ckpt.UNREADABLE_DIR).exists()
   assert train_and_evaluate(config, str(workdir), progress=False)["steps"] == 8
   assert not (workdir / ckpt.UNREADABLE_DIR).exists()
+
+
+def test_held_out_classes_train_on_the_rest_and_write_retrieval_of_the_exported_model(tmp_path):
+  config = tiny_config(held_out_classes=(7, 8, 9), embedding_feature="hidden_0")
+  result = train_and_evaluate(config, str(tmp_path), progress=False)
+  assert ckpt.read_config(str(tmp_path))["num_classes"] == 7
+  digits = train.kdata.load("digits")
+  assert result["test_examples"] == int(np.sum(np.asarray(digits.test.labels) < 7))
+  # The retrieval numbers are those of the exported model's feature on the held-out test examples.
+  variables, _ = params_of(tmp_path)
+  held = np.flatnonzero(np.asarray(digits.test.labels) >= 7)
+  images, labels = digits.test.get(held)
+  out = models.apply_model(models.get("mlp", hidden=(32,), num_classes=7), variables, images, features=("hidden_0",))
+  from kdjax.retrieval import retrieval_metrics
+  want = retrieval_metrics(np.asarray(out.features["hidden_0"]), labels)
+  assert result["retrieval"]["queries"] == len(held)
+  for key in ("recall@1", "recall@5", "mAP"):
+    np.testing.assert_allclose(result["retrieval"][key], want[key], rtol=1e-6)
+  with pytest.raises(UnknownNameError, match="embedding"):  # a feature the model does not have
+    train_and_evaluate(tiny_config(held_out_classes=(9,)), str(tmp_path / "no_feature"), progress=False)
+
+
+def test_a_stage_trained_on_a_train_only_file_is_tested_on_test_dataset(tmp_path):
+  digits = train.kdata.load("digits")
+  path = str(tmp_path / "inputs.npz")
+  np.savez(path, x_train=digits.train.images[:200], y_train=digits.train.labels[:200])
+  result = train_and_evaluate(tiny_config(dataset=path, test_dataset="digits"), str(tmp_path / "run"),
+                              progress=False)
+  assert result["test_examples"] == 300
+  with pytest.raises(ValueError, match="train-only file needs --config.test_dataset"):
+    train_and_evaluate(tiny_config(dataset=path), str(tmp_path / "no_test"), progress=False)
+  assert not (tmp_path / "no_test" / "config.json").exists()
+
+
+class CountState(flax.struct.PyTreeNode):
+  step: jax.Array
+  counts: jax.Array  # [classes] examples seen per class
+
+
+def class_count_program(seen_batches: list):
+  """A stage that trains no model: one pass over the training split, counting examples per class."""
+  def init_state(setup):
+    return CountState(step=jnp.zeros((), jnp.int32), counts=jnp.zeros((setup.dataset.num_classes,)))
+
+  def make_step(setup):
+    def step(state, batch, teacher_variables):
+      del teacher_variables
+      hits = jax.nn.one_hot(batch["label"], setup.dataset.num_classes) * batch["weight"][:, None]
+      return state.replace(step=state.step + 1, counts=state.counts + hits.sum(0)), {
+          "nonfinite": (jnp.float32(0.0), jnp.float32(1.0))}
+    return step
+
+  def batches(setup):
+    size = setup.config.batch_size
+    def from_step(start):
+      passes = list(train.kdata.eval_batches(setup.transfer_set.split, batch_size=size))
+      for s in range(start, setup.num_steps):
+        seen_batches.append(s)
+        yield parallel.shard_batch({k: passes[s][k] for k in ("label", "weight")}, setup.mesh)
+    return from_step
+
+  def evaluate(setup, state):
+    counts = np.asarray(state.counts)
+    np.save(os.path.join(setup.workdir, "counts.npy"), counts)
+    return {"examples": float(counts.sum())}
+
+  return train.StageProgram(init_state, make_step, evaluate=evaluate, batches=batches, exports_model=False)
+
+
+def test_a_stage_that_exports_no_model_runs_its_own_batches_and_resumes(tmp_path, monkeypatch):
+  seen: list[int] = []
+  monkeypatch.setattr(train, "make_method", lambda name, loss: class_count_program(seen))
+  config = tiny_config(batch_size=160, num_steps=10, checkpoint_every_steps=3, model="no_such_model")
+  with pytest.raises(StopTraining):
+    train_and_evaluate(config, str(tmp_path), progress=False, callbacks=[crash_after(4)])
+  result = train_and_evaluate(config, str(tmp_path), progress=False)
+  assert seen[:4] == [0, 1, 2, 3] and seen[-7:] == list(range(3, 10))  # resumed from step 3's checkpoint
+  assert result["extra"] == {"examples": 1497.0} and "test_accuracy" not in result
+  np.testing.assert_array_equal(np.load(tmp_path / "counts.npy"),
+                                np.bincount(train.kdata.load("digits").train.labels, minlength=10))

@@ -1,6 +1,7 @@
 """The shared input pipeline: built-in offline sets, TFDS, user arrays; transfer sets; batches."""
 
 from kdjax.data.pipeline import (
+    ClassBalancedBatches,
     TrainBatches,
     TransferSet,
     epoch_order,
@@ -9,8 +10,18 @@ from kdjax.data.pipeline import (
     make_transfer_set,
     prefetch,
 )
-from kdjax.data.sources import BUILTIN, BUILTIN_DESCRIPTIONS, Dataset, load, standardize, stratified_split
+from kdjax.data.sources import (
+    BUILTIN,
+    BUILTIN_DESCRIPTIONS,
+    Dataset,
+    SubsetSplit,
+    hold_out_classes,
+    load,
+    standardize,
+    stratified_split,
+    with_test_split,
+)
 
-__all__ = ["BUILTIN", "BUILTIN_DESCRIPTIONS", "Dataset", "TrainBatches", "TransferSet", "epoch_order",
-           "eval_batches", "jitter_images", "load", "make_transfer_set", "prefetch", "standardize",
-           "stratified_split"]
+__all__ = ["BUILTIN", "BUILTIN_DESCRIPTIONS", "ClassBalancedBatches", "Dataset", "SubsetSplit", "TrainBatches",
+           "TransferSet", "epoch_order", "eval_batches", "hold_out_classes", "jitter_images", "load",
+           "make_transfer_set", "prefetch", "standardize", "stratified_split", "with_test_split"]

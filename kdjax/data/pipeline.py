@@ -129,6 +129,55 @@ class TrainBatches:
     return out
 
 
+class ClassBalancedBatches:
+  """Batches of ``P`` classes × ``K`` examples by step (metric learning: DarkRank, re-identification).
+
+  Step ``s`` draws ``classes_per_batch`` distinct classes, then ``examples_per_class`` distinct examples of
+  each, from a generator seeded by ``(seed, s)``: a pure function of the step, so a resumed run continues
+  exactly (classes and examples are drawn with replacement across steps, as P×K samplers do). The batch is
+  ordered example-major — positions ``k·P .. k·P + P − 1`` hold the ``k``-th example of each class — so its
+  first ``P`` rows have one example per class and every one of them has its same-class partners later in the
+  batch (DarkRank's "first half of the batch" queries, with ``K = 2``). Only labelled examples of the transfer
+  set are used. Each batch is a dict like :class:`TrainBatches`'s (``image``, ``label``, ``label_mask``,
+  ``index``).
+  """
+
+  def __init__(self, transfer_set: TransferSet, *, classes_per_batch: int, examples_per_class: int, seed: int,
+               host_slice: slice | None = None):
+    labelled = np.flatnonzero(transfer_set.label_mask > 0)
+    labels = np.asarray(transfer_set.split.labels)[transfer_set.indices[labelled]]
+    classes, counts = np.unique(labels, return_counts=True)
+    if examples_per_class < 1 or classes_per_batch < 1:
+      raise ValueError(f"classes_per_batch and examples_per_class must be >= 1; got {classes_per_batch} and "
+                       f"{examples_per_class}")
+    usable = classes[counts >= examples_per_class]
+    if len(usable) < classes_per_batch:
+      raise ValueError(f"batches of {classes_per_batch} classes x {examples_per_class} examples need "
+                       f"{classes_per_batch} classes with at least {examples_per_class} labelled examples each; "
+                       f"the transfer set has {len(usable)} such classes (of {len(classes)})")
+    self.transfer_set, self.seed = transfer_set, seed
+    self.classes_per_batch, self.examples_per_class = classes_per_batch, examples_per_class
+    self.batch_size = classes_per_batch * examples_per_class
+    self.host_slice = host_slice or slice(None)
+    self.members = {int(c): labelled[labels == c] for c in usable}  # transfer-set positions per class
+    self.classes = np.asarray(sorted(self.members))
+
+  def indices(self, step: int) -> np.ndarray:
+    """Transfer-set positions of the global batch of ``step`` (example-major)."""
+    rng = np.random.default_rng([self.seed, 2, step])
+    chosen = rng.choice(self.classes, size=self.classes_per_batch, replace=False)
+    per_class = np.stack([rng.choice(self.members[int(c)], size=self.examples_per_class, replace=False)
+                          for c in chosen])  # [P, K]
+    return per_class.T.reshape(-1)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The (this process's part of the) batch of ``step``."""
+    positions = self.indices(step)[self.host_slice]
+    images, labels = self.transfer_set.split.get(self.transfer_set.indices[positions])
+    return {"image": images, "label": labels, "label_mask": self.transfer_set.label_mask[positions],
+            "index": positions.astype(np.int32)}
+
+
 def eval_batches(split, *, batch_size: int, host_slice: slice | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
   """Sequential batches over a whole split, the last one padded with ``weight = 0`` examples.

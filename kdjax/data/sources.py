@@ -79,11 +79,17 @@ class TfdsSplit:
 
 @dataclasses.dataclass
 class Dataset:
-  """A named dataset: ``train`` and ``test`` splits and the number of classes."""
+  """A named dataset: ``train`` and ``test`` splits and the number of classes.
+
+  ``test`` is ``None`` for a train-only ``.npz`` (a stage then evaluates on ``config.test_dataset``).
+  ``retrieval`` is the open-set split of :func:`hold_out_classes` (classes never trained on, original
+  labels), ``None`` otherwise.
+  """
   name: str
   train: ArraySplit | TfdsSplit
-  test: ArraySplit | TfdsSplit
+  test: ArraySplit | TfdsSplit | None
   num_classes: int
+  retrieval: ArraySplit | TfdsSplit | None = None
 
   @property
   def example_shape(self) -> tuple[int, ...]:
@@ -118,9 +124,88 @@ class StandardizedSplit:
 
 
 def standardize(dataset: Dataset, mean, std) -> Dataset:
-  """``dataset`` with both splits standardised per channel (e.g. CIFAR's channel means and stds)."""
-  return Dataset(dataset.name, StandardizedSplit(dataset.train, mean, std), StandardizedSplit(dataset.test, mean, std),
-                 dataset.num_classes)
+  """``dataset`` with every split standardised per channel (e.g. CIFAR's channel means and stds)."""
+  def standardized(split):
+    return None if split is None else StandardizedSplit(split, mean, std)
+  return dataclasses.replace(dataset, train=standardized(dataset.train), test=standardized(dataset.test),
+                             retrieval=standardized(dataset.retrieval))
+
+
+class SubsetSplit:
+  """The examples ``indices`` of ``split``, their labels mapped through ``label_map`` (``new = label_map[old]``)."""
+
+  def __init__(self, split, indices: np.ndarray, label_map: np.ndarray | None = None):
+    self.split = split
+    self.indices = np.asarray(indices, np.int64)
+    self.label_map = label_map
+    self.labels = self._map(np.asarray(split.labels)[self.indices])
+
+  def _map(self, labels: np.ndarray) -> np.ndarray:
+    return labels if self.label_map is None else self.label_map[labels].astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    return self.split.example_shape
+
+  def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = self.split.get(self.indices[indices])
+    return images, self._map(labels)
+
+
+def hold_out_classes(dataset: Dataset, classes) -> Dataset:
+  """An open-set split (person re-identification style): train and test on the other classes only.
+
+  The seen classes are relabelled ``0 .. k-1`` in ascending order of their original ids (``num_classes
+  = k``); the held-out classes' *test* examples, with their original labels, become ``retrieval``, the
+  set that retrieval metrics are measured on (:func:`kdjax.retrieval.retrieval_metrics`).
+
+  Raises:
+    ValueError: a class id outside ``[0, num_classes)`` or repeated, no seen class left, or a held-out
+      class with fewer than 2 test examples (its queries would have no match).
+  """
+  held = [int(c) for c in classes]
+  bad = [c for c in held if not 0 <= c < dataset.num_classes]
+  if bad or len(set(held)) != len(held):
+    raise ValueError(f"held_out_classes must be distinct class ids in [0, {dataset.num_classes}) for dataset "
+                     f"{dataset.name!r}; got {tuple(classes)}")
+  seen = [c for c in range(dataset.num_classes) if c not in held]
+  if not seen:
+    raise ValueError(f"held_out_classes={tuple(classes)} leaves no class of {dataset.name!r} to train on")
+  if dataset.test is None:
+    raise ValueError(f"held_out_classes needs the test split of {dataset.name!r} (the retrieval set); it has none")
+  label_map = np.full(dataset.num_classes, -1, np.int64)
+  label_map[seen] = np.arange(len(seen))
+  train_labels, test_labels = np.asarray(dataset.train.labels), np.asarray(dataset.test.labels)
+  counts = {c: int(np.sum(test_labels == c)) for c in held}
+  few = {c: n for c, n in counts.items() if n < 2}
+  if few:
+    raise ValueError(f"held-out class(es) {few} (class: test examples) of {dataset.name!r} have fewer than 2 test "
+                     "examples; each retrieval query needs another example of its class")
+  return dataclasses.replace(
+      dataset, num_classes=len(seen),
+      train=SubsetSplit(dataset.train, np.flatnonzero(np.isin(train_labels, seen)), label_map),
+      test=SubsetSplit(dataset.test, np.flatnonzero(np.isin(test_labels, seen)), label_map),
+      retrieval=SubsetSplit(dataset.test, np.flatnonzero(np.isin(test_labels, held))))
+
+
+def with_test_split(dataset: Dataset, test_dataset: Dataset) -> Dataset:
+  """``dataset`` evaluated on ``test_dataset``'s test split (e.g. train on reconstructed inputs, test on real data).
+
+  Raises:
+    ValueError: the two datasets differ in example shape or class count, or ``test_dataset`` has no test split.
+  """
+  if test_dataset.test is None:
+    raise ValueError(f"test_dataset {test_dataset.name!r} has no test split (x_test, y_test)")
+  if tuple(test_dataset.test.example_shape) != tuple(dataset.example_shape):
+    raise ValueError(f"test_dataset {test_dataset.name!r} has examples of shape {test_dataset.test.example_shape}, "
+                     f"but the training dataset {dataset.name!r} has {dataset.example_shape}")
+  if test_dataset.num_classes != dataset.num_classes:
+    raise ValueError(f"test_dataset {test_dataset.name!r} has {test_dataset.num_classes} classes, but the training "
+                     f"dataset {dataset.name!r} has {dataset.num_classes}")
+  return dataclasses.replace(dataset, test=test_dataset.test)
 
 
 def stratified_split(labels: np.ndarray, num_first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,20 +269,23 @@ BUILTIN_DESCRIPTIONS = {
 }
 
 
-def _load_npz(path: str) -> Dataset:
+def _load_npz(path: str, *, require_test: bool = True) -> Dataset:
+  expected = "x_train, y_train, x_test, y_test" if require_test else "x_train, y_train (x_test, y_test optional)"
   if not os.path.exists(path):
-    raise DatasetUnavailableError(f"dataset file {path!r} does not exist; expected an .npz with arrays "
-                                  "x_train, y_train, x_test, y_test")
+    raise DatasetUnavailableError(f"dataset file {path!r} does not exist; expected an .npz with arrays {expected}")
   with np.load(path) as data:
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
+    required = {"x_train", "y_train"} | ({"x_test", "y_test"} if require_test else set())
+    missing = required - set(data.files)
     if missing:
-      raise ValueError(f"{path}: expected arrays x_train, y_train, x_test, y_test; missing "
-                       f"{sorted(missing)} (found {sorted(data.files)})")
-    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-  num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max()) + 1)
+      raise ValueError(f"{path}: expected arrays {expected}; missing {sorted(missing)} (found {sorted(data.files)})"
+                       + ("; a train-only file needs --config.test_dataset" if require_test and
+                          {"x_test", "y_test"} >= missing else ""))
+    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}
+  has_test = "x_test" in arrays and "y_test" in arrays
+  num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max() if has_test else 0) + 1)
   scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
-  return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"] / scale, arrays["y_train"]),
-                 ArraySplit(arrays["x_test"] / scale, arrays["y_test"]), num_classes)
+  test = ArraySplit(arrays["x_test"] / scale, arrays["y_test"]) if has_test else None
+  return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"] / scale, arrays["y_train"]), test, num_classes)
 
 
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:
@@ -225,10 +313,13 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
   return Dataset(name, splits["train"], splits["test"], num_classes)
 
 
-def load(name: str, *, data_dir: str | None = None) -> Dataset:
-  """Loads a dataset by name: built-in, ``path/to/file.npz``, or a TFDS catalogue name."""
+def load(name: str, *, data_dir: str | None = None, require_test: bool = True) -> Dataset:
+  """Loads a dataset by name: built-in, ``path/to/file.npz``, or a TFDS catalogue name.
+
+  ``require_test=False`` accepts a train-only ``.npz`` (``test`` is then ``None``).
+  """
   if name in BUILTIN:
     return BUILTIN[name]()
   if name.endswith(".npz"):
-    return _load_npz(name)
+    return _load_npz(name, require_test=require_test)
   return _load_tfds(name, data_dir)

@@ -14,14 +14,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+# Reference values computed by the public PyTorch code (copied from ../shared/golden, whose README gives the
+# formulas and tolerances; tests/golden/README.md says where each file comes from), so a bare clone checks them.
+GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 
 
 def load_golden(name: str) -> dict[str, np.ndarray]:
-  """Loads ``../shared/golden/<name>.npz`` (reference values from the PyTorch code), or skips."""
+  """Loads ``tests/golden/<name>.npz`` (reference values from the PyTorch code); a missing file fails the test."""
   path = GOLDEN_DIR / f"{name}.npz"
   if not path.exists():
-    pytest.skip(f"golden reference file {path} is absent (it lives in ../shared/golden beside the repo)")
+    pytest.fail(f"golden reference file {path} is missing; it should be committed with the tests "
+                f"(files present: {', '.join(sorted(p.stem for p in GOLDEN_DIR.glob('*.npz')))})")
   with np.load(path) as data:
     return {k: data[k] for k in data.files}
 

@@ -6,6 +6,7 @@ exposing named features through :mod:`kdjax.models.features`; build any of them 
 from kdjax.models import cifar as cifar
 from kdjax.models import cnn as cnn
 from kdjax.models import conv as conv
+from kdjax.models import embedding as embedding
 from kdjax.models import inception as inception
 from kdjax.models import ion as ion
 from kdjax.models import maxout as maxout

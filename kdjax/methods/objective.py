@@ -94,6 +94,9 @@ METHODS: dict[str, MethodEntry] = {
     "adversarial": MethodEntry(
         "kdjax.methods.adversarial", "make_stage_program", "default_loss_config",
         "Xu et al. 2017: class-conditional discriminator on logits + L1 + CE, alternating updates"),
+    "darkrank": MethodEntry(
+        "kdjax.methods.darkrank", "make_stage_program", "default_loss_config",
+        "Chen et al. 2018: metric learning on P x K batches + soft/hard transfer of the teacher's rankings"),
 }
 
 

@@ -53,4 +53,4 @@ def test_linear_bottleneck_is_linear_and_counts_params():
 
 def test_feature_names_listing():
   assert models.feature_names(models.get("mimic_mlp"), jnp.zeros((1, 784))) == [
-      "bottleneck", "hidden_0", "logits"]
+      "bottleneck", "hidden_0", "logits", "pre_relu_0"]

@@ -19,7 +19,9 @@ class MLP(nn.Module):
   non-linearity: it adds no representational power, it only constrains ``W`` to rank ``k``
   and cuts parameters from ``H*D`` to ``k*(H+D)``), then ``U`` maps to the hidden layer.
 
-  Features: ``bottleneck`` (if any), ``hidden_0 … hidden_{n-1}`` (post-ReLU), ``logits``.
+  Features: ``bottleneck`` (if any), ``pre_relu_0 … pre_relu_{n-1}`` (each hidden layer before its
+  ReLU: the activations Lopes et al. 2017 record, :mod:`kdjax.methods.data_free`), ``hidden_0 …
+  hidden_{n-1}`` (post-ReLU), ``logits``.
   Input: any ``[batch, ...]``; it is flattened.
   """
   hidden: Sequence[int] = (800, 800)
@@ -36,7 +38,9 @@ class MLP(nn.Module):
       x = nn.Dense(self.bottleneck, use_bias=False, name="linear_bottleneck")(x)
       sow_feature(self, "bottleneck", x)
     for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+      x = nn.Dense(width, name=f"dense_{i}")(x)
+      sow_feature(self, f"pre_relu_{i}", x)
+      x = nn.relu(x)
       sow_feature(self, f"hidden_{i}", x)
       x = nn.Dropout(self.dropout_hidden, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, name="head")(x)

@@ -9,6 +9,7 @@ from kdjax.models import conv as conv
 from kdjax.models import embedding as embedding
 from kdjax.models import inception as inception
 from kdjax.models import ion as ion
+from kdjax.models import lenet as lenet
 from kdjax.models import maxout as maxout
 from kdjax.models import mlp as mlp
 from kdjax.models import mobile as mobile

@@ -94,6 +94,12 @@ METHODS: dict[str, MethodEntry] = {
     "adversarial": MethodEntry(
         "kdjax.methods.adversarial", "make_stage_program", "default_loss_config",
         "Xu et al. 2017: class-conditional discriminator on logits + L1 + CE, alternating updates"),
+    "data_free_metadata": MethodEntry(
+        "kdjax.methods.data_free", "make_metadata_program", "default_metadata_config",
+        "Lopes et al. 2017 stage 1: record per-class activation metadata of a teacher (exports no model)"),
+    "data_free_reconstruct": MethodEntry(
+        "kdjax.methods.data_free", "make_reconstruct_program", "default_reconstruct_config",
+        "Lopes et al. 2017 stage 2: reconstruct inputs from the metadata with Adam (exports no model)"),
     "darkrank": MethodEntry(
         "kdjax.methods.darkrank", "make_stage_program", "default_loss_config",
         "Chen et al. 2018: metric learning on P x K batches + soft/hard transfer of the teacher's rankings"),

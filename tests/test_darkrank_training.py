@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_train import StopTraining, crash_after, tiny_config
 
-from kdjax import parallel
+from kdjax import parallel, reproduce
 from kdjax import train as ktrain
 from kdjax.methods import darkrank as dr
 from kdjax.methods.objective import make_method
@@ -59,6 +59,22 @@ def test_batches_are_p_classes_times_k_examples_of_seen_classes(tmp_path):
     assert labels.max() < 7
   again = list(program.batches(setup)(5))[0]  # a pure function of (seed, step): resumable
   np.testing.assert_array_equal(again["image"], batches[1]["image"])
+  jittered = darkrank_config(examples_per_class=2)
+  jittered.jitter, jittered.hflip = 1, True
+  setup, program = ktrain.setup_stage(jittered, str(tmp_path / "jitter"), mesh=one_device())
+  shifted = [list(program.batches(setup)(5))[0] for _ in range(2)]
+  np.testing.assert_array_equal(shifted[0]["label"], batches[1]["label"])  # the same examples, augmented
+  assert not np.array_equal(shifted[0]["image"], batches[1]["image"])
+  np.testing.assert_array_equal(shifted[0]["image"], shifted[1]["image"])
+
+
+@pytest.mark.parametrize("variant", ["teacher", "student_alone", "student_hard", "student_soft", "student_soft_kd",
+                                     "student_kd", "student_hard_whole_list", "student_soft_paper,full"])
+def test_paper_configs_build(variant):
+  config = reproduce.load_paper("darkrank").get_config(variant)
+  program = make_method(config.method, config.loss)
+  assert program.needs_teacher == (variant not in ("teacher", "student_alone"))
+  assert config.held_out_classes and config.batch_size % config.loss.examples_per_class == 0
 
 
 def test_student_compiles_once_and_reports_every_term(tmp_path, teacher_dir):

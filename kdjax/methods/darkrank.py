@@ -339,7 +339,9 @@ def make_stage_program(*, transfer: str, rank_weight: float, list_length: int, q
   ``T²·KL`` on the logits (the authors add it at full weight with ``grad_scale = T²``). ``transfer='none'`` with
   ``kd_weight=0`` needs no teacher: the teacher itself and "student alone" are this stage too, on the same batches.
   ``list_length=0`` is ``None`` (every other example of the batch; hard transfer only beyond 9 examples).
-  Retrieval on ``config.held_out_classes`` is measured by the runner for every stage (``config.embedding_feature``).
+  ``config.jitter``/``config.hflip`` augment the batches as :class:`kdata.TrainBatches` does (a pure function of
+  the seed and the step). Retrieval on ``config.held_out_classes`` is measured by the runner for every stage (by
+  ``config.embedding_feature``).
   """
   from kdjax import data as kdata
   from kdjax import models, parallel

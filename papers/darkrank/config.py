@@ -32,7 +32,8 @@ Variants:
 * not in PROTOCOL: ``student_kd`` (KD alone), ``student_hard_kd``, ``student_hard_whole_list`` (the authors'
   untruncated ListMLE over all 13 other examples), ``student_soft_paper`` (the paper's α = β = 3 on non-squared
   distances, all queries: RKD's form), ``student_soft_triplet`` (+ a batch-hard triplet term, a stand-in for the
-  authors' verification loss).
+  authors' verification loss), ``student_triplet`` (CE + batch-hard triplet, no teacher: a metric-learning control
+  added after the protocol run, see the README).
 
 Commands::
 
@@ -61,7 +62,8 @@ PAPER_RESULTS = {
     "student_soft_kd": {"claim": "best student, below the teacher", "setting": _CLAIM},
 }
 VARIANTS = ("teacher", "student_alone", "student_hard", "student_soft", "student_soft_kd", "student_kd",
-            "student_hard_kd", "student_hard_whole_list", "student_soft_paper", "student_soft_triplet")
+            "student_hard_kd", "student_hard_whole_list", "student_soft_paper", "student_soft_triplet",
+            "student_triplet")
 PROTOCOL = ("teacher", "student_alone", "student_hard", "student_soft", "student_soft_kd")
 
 HELD_OUT = (7, 8, 9)
@@ -128,7 +130,7 @@ def get_config(arg: str = "student_soft") -> ml_collections.ConfigDict:
     loss["list_length"] = 0           # every other example of the batch, as the authors' ListMLE
   if variant == "student_soft_paper":  # the paper's / RKD's form
     loss.update(score="paper", alpha=3.0, beta=3.0, queries="all")
-  if variant == "student_soft_triplet":
+  if variant in ("student_soft_triplet", "student_triplet"):
     loss.update(triplet_weight=1.0, triplet_margin=0.2)
   c.loss = ml_collections.ConfigDict(loss)
   return c

@@ -152,7 +152,7 @@ def test_metadata_of_a_tiny_net_equals_numpy_statistics(tmp_path, teacher_dir):
   images, labels = dataset.train.get(keep)
   acts = teacher_activations(teacher_dir, images)
   meta = df.read_metadata(str(tmp_path / df.METADATA_FILE))
-  assert result["extra"]["examples"] == 1000 and meta.info["layer_names"] == ["pre_relu_0", "pre_relu_1", "top"]
+  assert meta.info["examples"] == 1000 and meta.info["layer_names"] == ["pre_relu_0", "pre_relu_1", "top"]
   assert "test_accuracy" not in result  # a stage that exports no model
   np.testing.assert_array_equal(meta.arrays["count"], np.bincount(labels, minlength=10))
   signal = np.concatenate([np.maximum(a, 0) / np.sqrt(a.shape[1]) for a in acts[1:]], axis=1)  # spectral layers
@@ -179,7 +179,7 @@ def test_metadata_of_a_tiny_net_equals_numpy_statistics(tmp_path, teacher_dir):
   info = json.loads((tmp_path / df.METADATA_JSON).read_text())
   assert info["teacher"]["model"] == "mlp" and info["teacher"]["model_kwargs"] == {"hidden": [12, 8]}
   assert info["kinds"]["top_layer"]["bytes"] == 10 * (10 + 100) * 4
-  assert result["extra"]["metadata_bytes_top_layer"] == info["kinds"]["top_layer"]["bytes"]
+  assert result["extra"]["metadata_kib_top_layer"] == info["kinds"]["top_layer"]["bytes"] / 1024
 
 
 def test_a_class_without_examples_is_refused(tmp_path, teacher_dir):
@@ -308,3 +308,26 @@ def test_bad_reconstruction_settings_are_named(tmp_path, teacher_dir, metadata_d
     df.make_reconstruct_program(**{**df.default_reconstruct_config(), "adam_steps": 30, "iterations_per_step": 20})
   with pytest.raises(FileNotFoundError, match="run the data_free_metadata stage"):
     df.read_metadata(str(tmp_path / "missing.npz"))
+
+
+def test_protocol_configs_chain_their_stages_and_full_configs_build():
+  from kdjax import reproduce
+  paper = reproduce.load_paper("data_free")
+  configs = {}
+  for i, variant in enumerate(paper.PROTOCOL):
+    config = paper.get_config(variant)
+    reproduce.resolve_run_references(config, seed_dir="/runs/s0", variant=variant, done=paper.PROTOCOL[:i])
+    configs[variant] = config
+  assert configs["metadata"].teacher_workdir == "/runs/s0/teacher"
+  assert configs["reconstruct_all_layers"].loss.metadata == "/runs/s0/metadata/metadata.npz"
+  assert configs["reconstruct_all_layers"].num_steps == 10 * paper.ADAM_STEPS // paper.ITERATIONS_PER_STEP
+  assert configs["student_all_layers"].dataset == "/runs/s0/reconstruct_all_layers/reconstructed.npz"
+  assert configs["student_all_layers"].test_dataset == "mnist5k" and configs["student_real_kd"].dataset == "mnist5k"
+  assert {configs[v].loss.alpha for v in paper.PROTOCOL if v.startswith("student_")} == {1.0}  # no labels
+  full = {v: paper.get_config(v + ",full") for v in paper.VARIANTS}
+  assert (full["teacher"].model, full["student_real_kd"].model_kwargs.hidden) == ("mlp_teacher", (800, 800))
+  assert full["reconstruct_top_layer"].loss.examples_per_class == 6400
+  assert (full["conv_teacher"].model, full["conv_student_top_layer"].model) == ("lenet5", "lenet5_half")
+  assert full["celeba_metadata"].dataset == "celeb_a"
+  with pytest.raises(ValueError, match="full-scale setting"):
+    paper.get_config("celeba_teacher")

@@ -526,11 +526,7 @@ def make_metadata_program(*, temperature: float, layers: Sequence[str], covarian
     path, info = write_metadata(setup.workdir, host, names=names, shapes=shapes, spectral_layers=spectral,
                                 num_classes=setup.dataset.num_classes, example_shape=setup.dataset.example_shape,
                                 info=info, spectral_fraction=spectral_fraction)
-    result = {f"metadata_bytes_{kind}": float(entry["bytes"]) for kind, entry in info["kinds"].items()
-              if kind != "noise"}
-    result["classes"] = float(setup.dataset.num_classes)
-    result["examples"] = float(info["examples"])
-    return result
+    return {f"metadata_kib_{kind}": entry["bytes"] / 1024 for kind, entry in info["kinds"].items() if kind != "noise"}
 
   return ktrain.StageProgram(init_state, make_step, needs_teacher=True, evaluate=evaluate, batches=batches,
                              exports_model=False)
@@ -872,7 +868,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
     y = np.repeat(np.arange(num_classes, dtype=np.int32), examples_per_class)
     variables = setup.teacher_variables[0]
     logits = np.asarray(jax.jit(lambda v, x: models.apply_model(teacher, v, x, train=False).logits)(variables, x))
-    result = {"teacher_agreement": float(np.mean(np.argmax(logits, -1) == y)), "examples": float(len(y))}
+    result = {"teacher_agreement": float(np.mean(np.argmax(logits, -1) == y))}
     if kind != "noise":
       per_class = jax.jit(class_objective(per_example_loss_fn(teacher, meta)))
       start = initial_inputs(setup.config.seed, num_classes, examples_per_class, inputs.shape[2:],

@@ -648,8 +648,9 @@ def default_reconstruct_config() -> dict:
 
 
 def reconstruct_num_steps(*, num_classes: int, adam_steps: int, iterations_per_step: int) -> int:
-  """The reconstruction stage's length in fit steps: ``num_classes · adam_steps / iterations_per_step``."""
-  return num_classes * (adam_steps // iterations_per_step)
+  """The reconstruction stage's length in fit steps: ``num_classes · adam_steps / iterations_per_step`` (one
+  empty step per class for ``noise``, ``adam_steps = 0``: a stage has at least one step)."""
+  return num_classes * max(adam_steps // iterations_per_step, 1)
 
 
 def check_teacher_matches(metadata: Metadata, setup, layer_shapes: Mapping[str, tuple]) -> None:
@@ -737,6 +738,41 @@ def make_objective(kind: str, metadata: Metadata) -> tuple[Callable, tuple[str, 
   raise unknown_name("kind", kind, KINDS)
 
 
+def per_example_objective(teacher, metadata: Metadata, kind: str) -> Callable:
+  """``loss(x, targets, bases, teacher_variables) -> []``: the objective of ``kind`` for ONE input ``x``
+  (``[*example_shape]``) through the frozen teacher (evaluation mode; logits divided by the metadata's T)."""
+  from kdjax import models
+  objective, features = make_objective(kind, metadata)
+  temperature = float(metadata.info["temperature"])
+
+  def loss(x, targets, bases, teacher_variables):
+    out = models.apply_model(teacher, teacher_variables, x[None], train=False, features=features)
+    layers = {name: value[0] for name, value in out.features.items()}
+    layers[TOP] = out.logits[0] / temperature
+    return objective(layers, targets, bases)
+  return loss
+
+
+def class_values_and_grads(loss: Callable) -> Callable:
+  """The per-example objectives ``[n]`` and input gradients ``[n, ...]`` of one class's batch: ``jax.vmap``
+  of ``value_and_grad(loss)`` over the examples (inputs and targets; the bases and the teacher are shared)."""
+  return jax.vmap(jax.value_and_grad(loss), in_axes=(0, 0, None, None))
+
+
+def optimise_class(values_and_grads: Callable, tx: optax.GradientTransformation, x: jax.Array, opt_state: Any,
+                   targets: Mapping[str, jax.Array], bases: Mapping[str, jax.Array], teacher_variables: Any, *,
+                   iterations: int) -> tuple[jax.Array, Any, jax.Array]:
+  """``iterations`` optimiser updates of one class's inputs ``x`` ``[n, ...]`` (``lax.fori_loop``): returns the
+  new inputs, optimiser state and the per-example objectives ``[n]`` measured before the last update. Every
+  example's trajectory is independent of the others' (per-example objectives, per-coordinate Adam)."""
+  def iteration(_, carry):
+    x, opt_state, _ = carry
+    value, grads = values_and_grads(x, targets, bases, teacher_variables)
+    updates, opt_state = tx.update(grads, opt_state, x)
+    return optax.apply_updates(x, updates), opt_state, value
+  return jax.lax.fori_loop(0, iterations, iteration, (x, opt_state, jnp.zeros((x.shape[0],), jnp.float32)))
+
+
 def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: int, adam_steps: int,
                              iterations_per_step: int, learning_rate: float, init_mean: float, init_std: float,
                              target_sampling: str):
@@ -775,7 +811,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
   check_positive("learning_rate", learning_rate)
   if init_std < 0:
     raise ValueError(f"init_std must be >= 0, got {init_std}")
-  steps_per_class = adam_steps // iterations_per_step
+  steps_per_class = max(adam_steps // iterations_per_step, 1)
   tx = optax.adam(learning_rate)
 
   @functools.cache
@@ -794,9 +830,9 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
                                      iterations_per_step=iterations_per_step)
     if setup.num_steps != expected:
       raise ValueError(f"the data_free_reconstruct stage runs {meta.num_classes} classes x {steps_per_class} fit steps "
-                       f"(adam_steps {adam_steps} / iterations_per_step {iterations_per_step}) = {expected} steps; "
-                       f"set num_steps={expected} (got a stage of {setup.num_steps} steps; for kind='noise' set "
-                       "num_steps=0 and num_epochs=0)")
+                       f"(adam_steps {adam_steps} / iterations_per_step {iterations_per_step}, at least 1) = "
+                       f"{expected} steps; "
+                       f"set num_steps={expected} (got a stage of {setup.num_steps} steps)")
     return meta, teacher
 
   def init_state(setup) -> ReconstructState:
@@ -810,27 +846,12 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
                             targets={k: jnp.asarray(v) for k, v in targets.items()},
                             bases={k: jnp.asarray(v) for k, v in bases.items()}, opt_state=tx.init(inputs[0]))
 
-  def per_example_loss_fn(teacher, meta):
-    objective, features = make_objective(kind, meta) if kind != "noise" else (None, ())
-    temperature = float(meta.info["temperature"])
-
-    def loss(x, targets, bases, teacher_variables):
-      out = models.apply_model(teacher, teacher_variables, x[None], train=False, features=features)
-      layers = {name: value[0] for name, value in out.features.items()}
-      layers[TOP] = out.logits[0] / temperature
-      return objective(layers, targets, bases)
-    return loss
-
-  def class_objective(loss):
-    """Per-example objective and input gradients of one class's batch: ``vmap`` over its examples."""
-    return jax.vmap(jax.value_and_grad(loss), in_axes=(0, 0, None, None))
-
   def make_step(setup) -> Callable:
     meta, teacher = checked(setup)
     if kind == "noise":
       return lambda state, batch, teacher_variables=(): (state.replace(step=state.step + 1),
                                                          {"nonfinite": (jnp.float32(0.0), jnp.float32(1.0))})
-    values_and_grads = class_objective(per_example_loss_fn(teacher, meta))
+    values_and_grads = class_values_and_grads(per_example_objective(teacher, meta, kind))
 
     def step(state: ReconstructState, batch, teacher_variables=()):
       del batch  # the step's work is a pure function of the step index
@@ -842,14 +863,8 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
       bases = {k: v[cls] for k, v in state.bases.items()}
       opt_state = jax.tree.map(lambda new, old: jnp.where(fresh, new, old), tx.init(x), state.opt_state)
 
-      def iteration(_, carry):
-        x, opt_state, _ = carry
-        value, grads = values_and_grads(x, targets, bases, variables)
-        updates, opt_state = tx.update(grads, opt_state, x)
-        return optax.apply_updates(x, updates), opt_state, value
-
-      value0 = jnp.zeros((examples_per_class,), jnp.float32)
-      new_x, new_opt, value = jax.lax.fori_loop(0, iterations_per_step, iteration, (x, opt_state, value0))
+      new_x, new_opt, value = optimise_class(values_and_grads, tx, x, opt_state, targets, bases, variables,
+                                             iterations=iterations_per_step)
       (new_x, new_opt), nonfinite = ktrain.skip_if_nonfinite(ktrain.all_finite(new_x, value), (new_x, new_opt),
                                                              (x, opt_state))
       new_state = state.replace(step=state.step + 1, inputs=state.inputs.at[cls].set(new_x), opt_state=new_opt)
@@ -870,7 +885,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
     logits = np.asarray(jax.jit(lambda v, x: models.apply_model(teacher, v, x, train=False).logits)(variables, x))
     result = {"teacher_agreement": float(np.mean(np.argmax(logits, -1) == y))}
     if kind != "noise":
-      per_class = jax.jit(class_objective(per_example_loss_fn(teacher, meta)))
+      per_class = jax.jit(class_values_and_grads(per_example_objective(teacher, meta, kind)))
       start = initial_inputs(setup.config.seed, num_classes, examples_per_class, inputs.shape[2:],
                              init_mean=init_mean, init_std=init_std)
       final, initial = [], []

@@ -138,7 +138,6 @@ def get_config(arg: str = "student_all_layers") -> ml_collections.ConfigDict:
     classes = 2 if family == "celeba" else 10
     c.method = "data_free_reconstruct"
     c.num_steps = df.reconstruct_num_steps(num_classes=classes, adam_steps=adam_steps, iterations_per_step=per_step)
-    c.num_epochs = 0                    # the noise "reconstruction" has no steps
     c.checkpoint_every_steps = max(adam_steps // per_step, 1)  # a checkpoint at the end of every class
     c.log_every_steps = max(adam_steps // per_step, 1)
     c.loss = ml_collections.ConfigDict({

@@ -3,7 +3,8 @@ Transfer", AAAI 2018, arXiv 1707.01220).
 
 The student learns the teacher's *ranking* of the other examples of a batch: for a query ``q`` each candidate
 ``x_i`` gets the score ``S(x_i) = −α ‖x_q − x_i‖₂^β`` and a list of candidates gets the Plackett–Luce probability
-``P(π | X) = Π_i exp(S(x_π(i))) / Σ_{k ≥ i} exp(S(x_π(k)))`` (paper §3). Two transfers (PAPERS.md §8(a)):
+``P(π | X) = Π_i exp(S(x_π(i))) / Σ_{k ≥ i} exp(S(x_π(k)))``. Two transfers (PAPERS.md §8(a); the PDF itself
+was not at hand, so no section or equation numbers are cited):
 
 * soft (ListNet-like, :func:`soft_rank_loss`): ``KL(P(·|X_T) ‖ P(·|X_S))`` over all ``n!`` orderings of the
   teacher's ``n = list_length`` nearest candidates;
@@ -17,7 +18,7 @@ Two parametrisations of the score (``score=``), both kept because they differ in
 
 * ``'paper'`` (default; the paper's formula and lenscloth/RKD's ``HardDarkRank``, the golden reference):
   ``S = −α · d^β`` with the non-squared Euclidean distance ``d = sqrt(max(‖x_q − x_i‖², eps))`` of the
-  embeddings as given (RKD's ``pdist``; ``eps = 1e-12``). Defaults α = 3, β = 3 (the paper's and RKD's).
+  embeddings as given (RKD's ``pdist``; ``eps = 1e-12``). Defaults α = 3, β = 3 (RKD's; the paper's from memory, [M]).
 * ``'code'`` (the authors' MXNet ops ``PYOP/listnet_loss.py``, ``listmle_loss.py``): the embeddings are
   L2-normalised (the ``l2_norm`` layer of ``reid.py``; done here inside the loss), multiplied by
   ``sqrt(scale)``, and ``S = −(‖x̂_q − x̂_i‖²)^power`` on the *squared* distance. This equals the paper's form
@@ -198,7 +199,7 @@ def hard_rank_loss(student_emb: jax.Array, teacher_emb: jax.Array, *, list_lengt
   For each query ``q`` the teacher orders the candidates (every other example of the batch) by its score, best
   first, and keeps the top ``L = list_length``: ``π_T``. The loss is the student's Plackett–Luce negative
   log-likelihood of that ordering, ``−Σ_{i<L} [s_i − logsumexp(s_i..s_{L−1})]`` with ``s_i`` the student's
-  score of the teacher's ``i``-th candidate (paper §3.3, Eq. 6), averaged over the queries.
+  score of the teacher's ``i``-th candidate (PAPERS.md §8(a)), averaged over the queries.
 
   Args:
     student_emb: ``[batch, d_s]``.
@@ -229,7 +230,7 @@ def soft_rank_loss(student_emb: jax.Array, teacher_emb: jax.Array, *, list_lengt
 
   The candidates of query ``q`` are the teacher's top ``n = list_length`` (the authors' ``--list-length 4``);
   ``P_T`` and ``P_S`` are the teacher's and the student's Plackett–Luce distributions over the ``n!``
-  orderings of that same set (paper §3.3, Eq. 5):
+  orderings of that same set (PAPERS.md §8(a)):
   ``Σ_π P_T(π) (log P_T(π) − log P_S(π))``, averaged over the queries. It is 0 exactly when the student's
   scores of the candidates equal the teacher's up to a common shift (e.g. with ``score='code'``, which
   L2-normalises, when the student's embeddings are the teacher's times any positive factor).

@@ -10,9 +10,15 @@ import logging
 import os
 import sys
 
-from kdjax.errors import DatasetUnavailableError, MissingCheckpointError, NonFiniteError, UnknownNameError
+from kdjax.errors import (
+  DatasetUnavailableError,
+  MissingCheckpointError,
+  NonFiniteError,
+  UnknownNameError,
+  WorkdirError,
+)
 
-USER_ERRORS = (UnknownNameError, MissingCheckpointError, DatasetUnavailableError, NonFiniteError,
+USER_ERRORS = (UnknownNameError, MissingCheckpointError, DatasetUnavailableError, NonFiniteError, WorkdirError,
                FileNotFoundError, ValueError)
 
 
@@ -89,8 +95,8 @@ def cmd_list(what: str) -> None:
 def cmd_train(args, overrides) -> None:
   from kdjax.config import apply_overrides, load_config
   from kdjax.reproduce import describe_result
-  from kdjax.train import train_and_evaluate
-  config = load_config(args.config)
+  from kdjax.train import ensure_stage_fields, train_and_evaluate
+  config = ensure_stage_fields(load_config(args.config))
   apply_overrides(config, overrides)
   result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
   print(f"{args.workdir}: {describe_result(result)} after {result['steps']} steps")

@@ -21,6 +21,22 @@ class NonFiniteError(FloatingPointError):
   """NaN or inf met in a batch or in training; the message names the step."""
 
 
+class WorkdirError(OSError):
+  """A work directory cannot be used: it is a file, it is not writable, or another process holds its lock."""
+
+
+class WorkdirInUseError(WorkdirError):
+  """Another process is running in the work directory (its lock names the process and host)."""
+
+
+class UnfinishedRunError(ValueError):
+  """A run used as a teacher (or by ``init_from``) did not finish, or its newest checkpoint is unreadable."""
+
+
+class DataError(ValueError):
+  """A dataset's arrays are unusable as given (labels out of range, wrong dtype, NaN, empty split, ...)."""
+
+
 def unknown_name(kind: str, given: str, valid: Iterable[str]) -> UnknownNameError:
   """Builds the error for an unknown name, listing every valid one."""
   valid = sorted(valid)

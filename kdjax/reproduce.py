@@ -87,7 +87,7 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
                  dataset: str | None = None, overrides: dict[str, str] | None = None,
                  progress: bool = True, echo=print) -> dict[str, Any]:
   """Runs paper ``key``'s protocol; returns (and writes to ``workdir/results.json``) the results."""
-  from kdjax.train import train_and_evaluate  # heavy imports only when training
+  from kdjax.train import ensure_stage_fields, train_and_evaluate  # heavy imports only when training
   paper = load_paper(key)
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -101,7 +101,7 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
   for seed in range(seeds):
     seed_dir = os.path.join(workdir, f"seed_{seed}")
     for index, variant in enumerate(paper.PROTOCOL):
-      config = paper.get_config(variant + (",full" if full else ""))
+      config = ensure_stage_fields(paper.get_config(variant + (",full" if full else "")))
       with config.unlocked():
         config.seed = seed
         config.split_seed = seed

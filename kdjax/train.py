@@ -42,6 +42,7 @@ from kdjax import checkpoint as ckpt
 from kdjax import data as kdata
 from kdjax import models, parallel
 from kdjax.config import check_keys, default_stage_config
+from kdjax.data.sources import fingerprint as data_fingerprint
 from kdjax.errors import NonFiniteError, UnknownNameError, unknown_name
 from kdjax.logging_utils import MetricWriter
 from kdjax.methods.objective import Objective, make_method
@@ -325,22 +326,61 @@ def build_model(name: str, model_kwargs: Mapping[str, Any], num_classes: int) ->
   return models.get(name, **{"num_classes": num_classes, **dict(model_kwargs)})
 
 
-def load_teachers(teacher_workdir: str) -> tuple[list[nn.Module], list[Any]]:
-  """Rebuilds each teacher (comma-separated work directories) from its own run's config, read-only."""
-  teacher_models, teacher_variables = [], []
-  for workdir in [w for w in teacher_workdir.split(",") if w]:
-    variables, tconfig, _ = ckpt.load_teacher_variables(workdir)
+def load_teachers(teacher_workdir: str, *, allow_partial: bool = False, example_shape: Sequence[int] | None = None,
+                  num_classes: int | None = None) -> tuple[list[nn.Module], list[Any]]:
+  """Rebuilds each teacher (comma-separated work directories) from its own run's config, read-only.
+
+  Args:
+    teacher_workdir: one run, or several comma-separated (an ensemble).
+    allow_partial: accept a run that did not finish (no ``results.json``, fewer steps than its config) or whose
+      newest checkpoint is unreadable (its newest readable one is used). By default such a run is refused
+      (:class:`~kdjax.errors.UnfinishedRunError`, saying what is missing).
+    example_shape: the student's input shape (one example); each teacher must accept it.
+    num_classes: the student's class count; each teacher must output as many logits.
+
+  Raises:
+    ValueError: a teacher whose class count or input shape does not fit (the message names every member of an
+      ensemble with its class count and the inputs it was trained on).
+  """
+  workdirs = [w for w in teacher_workdir.split(",") if w]
+  teacher_models, teacher_variables, described, counts = [], [], [], set()
+  for workdir in workdirs:
+    variables, tconfig, _ = ckpt.load_teacher_variables(workdir, require_finished=not allow_partial)
     teacher_models.append(build_model(tconfig["model"], tconfig.get("model_kwargs", {}), tconfig["num_classes"]))
     teacher_variables.append(variables)
+    counts.add(int(tconfig["num_classes"]))
+    described.append(f"{workdir} ({tconfig['model']}, {tconfig['num_classes']} classes, trained on "
+                     f"{tconfig.get('dataset', '?')!r}"
+                     + (f" with inputs {tuple(tconfig['example_shape'])})" if "example_shape" in tconfig else ")"))
+  members = "; ".join(described)
+  if len(workdirs) > 1 and len(counts) > 1:
+    raise ValueError(f"the ensemble's teachers differ in class count, so their outputs cannot be averaged: {members}")
+  if example_shape is not None:
+    example = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
+    for model, variables, text in zip(teacher_models, teacher_variables, described):
+      try:
+        logits = jax.eval_shape(lambda v, x, m=model: models.apply_model(m, v, x, train=False).logits,
+                                variables, example)
+      except Exception as e:  # noqa: BLE001 - shape errors of any layer; re-raised with the teacher named
+        raise ValueError(f"teacher {text} cannot take this stage's inputs of shape {tuple(example_shape)} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         + ("ensemble: " + members + "; " if len(workdirs) > 1 else "")
+                         + "train the teacher on the same dataset, or fix --config.dataset") from None
+      if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(f"teacher {text} outputs {logits.shape[-1]} classes, but this stage's dataset has "
+                         f"{num_classes}" + (f" (ensemble: {members})" if len(workdirs) > 1 else "")
+                         + "; distil from a teacher trained on the same classes (the same dataset and "
+                         "held_out_classes)")
   return teacher_models, teacher_variables
 
 
-def load_layers(workdir: str, layers: tuple[str, ...]) -> dict[str, Any]:
+def load_layers(workdir: str, layers: tuple[str, ...], *, allow_partial: bool = False) -> dict[str, Any]:
   """The named top-level layers (params and BatchNorm statistics) of a finished run, read-only.
 
-  Empty ``layers`` = every layer. An unknown name lists the layers the run has.
+  Empty ``layers`` = every layer. An unknown name lists the layers the run has. An unfinished run is refused
+  unless ``allow_partial`` (as for teachers, :func:`load_teachers`).
   """
-  variables, _, _ = ckpt.load_teacher_variables(workdir)
+  variables, _, _ = ckpt.load_teacher_variables(workdir, require_finished=not allow_partial)
   available = set(variables["params"]) | set(variables.get("batch_stats", {}))
   layers = layers or tuple(sorted(available))
   unknown = set(layers) - available
@@ -520,54 +560,174 @@ def teacher_output(batch: Mapping[str, jax.Array], teacher_models: Sequence[nn.M
   return teacher_forward(teacher_models, teacher_variables, batch["image"], features=features)
 
 
+# Fields that change only how a run is evaluated, logged or checkpointed, never what it computes: a resumed run may
+# change them (e.g. a smaller eval_batch_size after running out of memory at the evaluation).
+EVALUATION_ONLY_FIELDS = ("eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+# Entries setup_stage adds to config.json beyond the config's own fields; a run recorded before one of them existed
+# resumes without it being compared.
+RECORDED_FIELDS = ("data_fingerprint", "example_shape", "partial_teachers")
+# Config fields kdjax.config.default_stage_config may not define yet; setup adds them with these defaults.
+EXTRA_STAGE_FIELDS = {"allow_partial_teacher": False}
+
+
+def ensure_stage_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the fields of :data:`EXTRA_STAGE_FIELDS` that ``config`` lacks (with their defaults), in place.
+
+  ``allow_partial_teacher``: accept an unfinished teacher or ``init_from`` run (:func:`load_teachers`).
+  """
+  missing = {k: v for k, v in EXTRA_STAGE_FIELDS.items() if k not in config}
+  if missing:
+    with config.unlocked():
+      for key, value in missing.items():
+        config[key] = value
+  return config
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def check_stage_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the numeric fields of a stage config before anything is loaded or written.
+
+  Raises:
+    ValueError: a field of the wrong type or out of range; the message names the field, the value given
+      and what is expected.
+  """
+  why = {
+      "batch_size": "the number of training examples per step",
+      "eval_batch_size": "the number of test examples evaluated at once; lower it if evaluation runs out of memory",
+      "log_every_steps": "metrics are written every this many steps",
+      "checkpoint_every_steps": "a checkpoint is written every this many steps and at the end",
+      "keep_checkpoints": "the newest checkpoints kept; with none, a finished run could not be re-evaluated and "
+                          "a rerun would train it again",
+      "num_steps": "0 = num_epochs epochs of the transfer set",
+      "num_epochs": "used when num_steps is 0; both 0 = a stage of no steps, which keeps its initial state",
+      "jitter": "random shifts of up to this many pixels; 0 = none",
+      "labelled_examples": "0 = every training example keeps its label",
+      "seed": "the run's random seed",
+      "split_seed": "which examples keep their labels",
+  }
+  minimum = {"batch_size": 1, "eval_batch_size": 1, "log_every_steps": 1, "checkpoint_every_steps": 1,
+             "keep_checkpoints": 1, "num_steps": 0, "num_epochs": 0, "jitter": 0, "labelled_examples": 0,
+             "seed": 0, "split_seed": 0}
+  for name, low in minimum.items():
+    value = config[name]
+    if not (_is_int(value) and value >= low):
+      raise ValueError(f"{name} must be an integer >= {low} ({why[name]}); got {value!r}. "
+                       f"Fix it with --config.{name}=N")
+  if not (_is_real(config.learning_rate) and np.isfinite(config.learning_rate) and config.learning_rate > 0):
+    raise ValueError(f"learning_rate must be a finite number > 0; got {config.learning_rate!r}")
+  for name in ("momentum", "weight_decay"):
+    if not (_is_real(config[name]) and np.isfinite(config[name]) and config[name] >= 0):
+      raise ValueError(f"{name} must be a finite number >= 0; got {config[name]!r}")
+  if not isinstance(config.get("allow_partial_teacher", False), bool):
+    raise ValueError(f"allow_partial_teacher must be true or false; got {config.allow_partial_teacher!r}")
+
+
+def check_stage_data(config: ml_collections.ConfigDict, dataset: kdata.Dataset, transfer_set: kdata.TransferSet,
+                     program: StageProgram) -> None:
+  """Checks that the data fits the config before anything is written: batch size against the transfer set,
+  augmentation against the image layout, test (and retrieval) inputs against the training inputs.
+
+  Raises:
+    ValueError: naming the fields (or splits), what was expected and what was given.
+  """
+  if program.batches is None and config.batch_size > len(transfer_set):
+    raise ValueError(f"batch_size={config.batch_size} is larger than the transfer set of dataset "
+                     f"{config.dataset!r} ({len(transfer_set)} examples"
+                     + (f", labelled_examples={config.labelled_examples}, include_unlabelled=False"
+                        if len(transfer_set) < len(dataset.train) else "")
+                     + f"); use --config.batch_size={len(transfer_set)} or less")
+  shape = tuple(dataset.example_shape)
+  if (config.jitter or config.hflip) and len(shape) != 3:
+    raise ValueError(f"jitter={config.jitter} / hflip={config.hflip} shift or flip images of shape (height, width, "
+                     f"channels), but dataset {config.dataset!r} has examples of shape {shape}; reshape the "
+                     "images (e.g. (28, 28, 1)) or set --config.jitter=0 --config.hflip=false")
+  for name, split in (("test", dataset.test), ("retrieval", dataset.retrieval)):
+    if split is not None and tuple(split.example_shape) != shape:
+      raise ValueError(f"the {name} examples of {config.test_dataset or config.dataset!r} have shape "
+                       f"{tuple(split.example_shape)}, but the training examples have {shape}; both must match")
+    if split is not None and len(split) == 0:
+      raise ValueError(f"the {name} split of {config.test_dataset or config.dataset!r} is empty")
+
+
 def check_resumable(workdir: str, saved_config: dict[str, Any]) -> None:
   """Refuses to resume ``workdir`` with a config that differs from the one it recorded.
 
   A run recorded before a field was added to :func:`default_stage_config` ran with that field's
-  default, so a missing field counts as its default.
+  default, so a missing field counts as its default. The :data:`EVALUATION_ONLY_FIELDS` may change; the
+  :data:`RECORDED_FIELDS` are compared only when the run recorded them. A changed data fingerprint gets its own
+  message (the data file changed under the run).
   """
   previous = ckpt.read_config(workdir)
   if previous is None:
     return
-  defaults = json.loads(json.dumps(config_to_dict(default_stage_config())))
+  defaults = json.loads(json.dumps({**config_to_dict(default_stage_config()), **EXTRA_STAGE_FIELDS}))
   previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
-  if previous != saved_config:
-    changed = sorted(k for k in set(previous) | set(saved_config) if previous.get(k) != saved_config.get(k))
-    raise ValueError(f"{workdir} holds a run with a different config (fields {changed} differ); "
-                     "use a new --workdir or the same config to resume")
+  ignored = set(EVALUATION_ONLY_FIELDS) | {k for k in RECORDED_FIELDS if k not in previous}
+  if previous.get("data_fingerprint", saved_config.get("data_fingerprint")) != saved_config.get("data_fingerprint"):
+    raise ValueError(f"the data of {saved_config.get('dataset')!r} changed since the run in {workdir} started "
+                     f"(data fingerprint {previous['data_fingerprint']} then, {saved_config['data_fingerprint']} "
+                     "now); resuming would train one model on two datasets. Restore the original data, or use a "
+                     "new --workdir")
+  changed = sorted(k for k in set(previous) | set(saved_config)
+                   if k not in ignored and previous.get(k) != saved_config.get(k))
+  if changed:
+    raise ValueError(f"{workdir} holds a run with a different config (fields {changed} differ: "
+                     + ", ".join(f"{k} was {previous.get(k)!r}, now {saved_config.get(k)!r}" for k in changed[:5])
+                     + "); use a new --workdir or the same config to resume (only "
+                     f"{', '.join(EVALUATION_ONLY_FIELDS)} may change on resume)")
 
 
 def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> tuple[Setup, StageProgram]:
   """Checks the config, loads the data and teachers, builds the method, records ``config.json``.
 
-  Everything that can be wrong with the config is found before ``config.json`` is written, so a
-  corrected config can use the same work directory.
+  Everything that can be wrong with the config, the data and the teachers is found before ``config.json``
+  is written (or the work directory created), so a corrected config can use the same work directory.
   """
   check_keys(config)
+  ensure_stage_fields(config)
+  check_stage_config(config)
   program = as_program(make_method(config.method, config.loss))  # bad method/loss fields fail first
   if config.teacher_workdir and not program.needs_teacher:
     raise ValueError(f"method {config.method!r} uses no teacher, but teacher_workdir={config.teacher_workdir!r} "
                      "was given; remove --config.teacher_workdir (or pick a distillation method)")
+  if program.needs_teacher and not config.teacher_workdir:
+    raise ValueError(f"method {config.method!r} needs a teacher: set --config.teacher_workdir=DIR "
+                     "(a finished teacher run; comma-separated for an ensemble)")
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt.check_workdir(workdir)
 
   dataset = load_stage_dataset(config)
   transfer_set = kdata.make_transfer_set(dataset, labelled_examples=config.labelled_examples,
                                          include_unlabelled=config.include_unlabelled,
                                          split_seed=config.split_seed)
+  check_stage_data(config, dataset, transfer_set, program)
   student = build_model(config.model, config.model_kwargs, dataset.num_classes) if program.exports_model else None
-  teacher_models, teacher_variables = [], []
+  teacher_models, teacher_variables, partial = [], [], {}
   if program.needs_teacher:
-    if not config.teacher_workdir:
-      raise ValueError(f"method {config.method!r} needs a teacher: set --config.teacher_workdir=DIR "
-                       "(a finished teacher run; comma-separated for an ensemble)")
-    teacher_models, teacher_variables = load_teachers(config.teacher_workdir)
+    teacher_models, teacher_variables = load_teachers(
+        config.teacher_workdir, allow_partial=config.allow_partial_teacher, example_shape=dataset.example_shape,
+        num_classes=dataset.num_classes)
+  init_variables = None
+  if config.init_from:
+    init_variables = load_layers(config.init_from, tuple(config.init_layers),
+                                 allow_partial=config.allow_partial_teacher)
+  if config.allow_partial_teacher:
+    used = [w for w in config.teacher_workdir.split(",") if w] + ([config.init_from] if config.init_from else [])
+    partial = {w: reasons for w in used if (reasons := ckpt.unfinished_reasons(w))}
+    for w, reasons in partial.items():
+      log.warning("using the unfinished run %s (allow_partial_teacher): %s", w, "; ".join(reasons))
 
   steps_per_epoch = len(transfer_set) // config.batch_size
   num_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
   tx = make_optimizer(config, num_steps)  # bad optimizer/schedule fields fail before config.json is written
-  saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps}
+  saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps,
+                  "example_shape": list(dataset.example_shape), "data_fingerprint": data_fingerprint(dataset)}
+  if partial:
+    saved_config["partial_teachers"] = partial
   saved_config = json.loads(json.dumps(saved_config))  # as it reads back (tuples become lists)
   check_resumable(workdir, saved_config)
   ckpt.write_config(workdir, saved_config)
@@ -576,7 +736,6 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   cached = bool(program.needs_teacher and program.cacheable_teacher and config.cache_teacher and not augmented)
   if program.needs_teacher and config.cache_teacher and augmented:
     log.info("teacher runs live: inputs are augmented, so cached teacher outputs would not match them")
-  init_variables = load_layers(config.init_from, tuple(config.init_layers)) if config.init_from else None
   setup = Setup(config=config, workdir=workdir, mesh=mesh, dataset=dataset, transfer_set=transfer_set,
                 student=student, teacher_models=teacher_models, teacher_variables=teacher_variables,
                 num_steps=num_steps, tx=tx, cached_teacher=cached,
@@ -662,6 +821,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     ``{"test_accuracy", "test_errors", "test_examples", "test_cross_entropy", "steps", "teacher_cached",
     "train": {...last metrics}, "extra": {...}}``, also written to ``workdir/results.json``.
   """
+  with ckpt.WorkdirLock(workdir):  # one run per work directory; a refused config leaves no trace
+    return _train_and_evaluate_locked(config, workdir, mesh=mesh, progress=progress, callbacks=callbacks)
+
+
+def _train_and_evaluate_locked(config, workdir, *, mesh, progress, callbacks) -> dict[str, Any]:
   setup, program = setup_stage(config, workdir, mesh=mesh)
   state = program.init_state(setup)
   step = program.make_step(setup)
@@ -720,11 +884,25 @@ def fit(state: Any, step: Callable, *, batches: Callable[[int], Iterable[dict[st
 
   Returns:
     ``{**evaluate(state), "steps": num_steps, "train": {last logged train metrics}, **results}``.
+
+  Raises:
+    ValueError: ``checkpoint_every_steps``, ``log_every_steps`` or ``keep_checkpoints`` < 1, or ``workdir``
+      holds a finished run (``results.json``) but no checkpoint could be restored: it is never retrained over.
   """
+  for name, value in (("checkpoint_every_steps", checkpoint_every_steps), ("log_every_steps", log_every_steps),
+                      ("keep_checkpoints", keep_checkpoints)):
+    if not (_is_int(value) and value >= 1):
+      raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
   checkpointer = ckpt.Checkpointer(workdir, keep=keep_checkpoints)
   try:
     template = serialization.to_state_dict(state)
     restored = checkpointer.restore_latest(jax.tree.map(np.asarray, template))
+    results_path = os.path.join(workdir, ckpt.RESULTS_FILE)
+    if restored is None and os.path.exists(results_path):
+      raise ValueError(
+          f"{workdir} holds a finished run ({ckpt.RESULTS_FILE}) but no readable checkpoint (see "
+          f"{ckpt.UNREADABLE_DIR}/ for any set aside); it is not retrained over. To train it again, move "
+          f"{results_path} away; to keep it, restore its checkpoints/")
     if restored is not None:
       state = serialization.from_state_dict(state, restored)
       log.info("resumed %s at step %d", workdir, int(state.step))

@@ -11,20 +11,24 @@ network:
 
 Any other name is looked up in the TFDS catalogue and read with ``tfds.data_source`` (random
 access, no TensorFlow needed) from a dataset the user has prepared. A path ending in ``.npz``
-is the user's own arrays: ``x_train, y_train, x_test, y_test`` (images NHWC or flat).
-Images are float32 in ``[0, 1]``; labels int32.
+is the user's own arrays: ``x_train, y_train, x_test, y_test`` (images NHWC or flat), and optionally
+``num_classes`` (a scalar). Images are float32 in ``[0, 1]``; labels int32. The arrays of an ``.npz`` are
+checked before use (:func:`check_npz_arrays`): integer labels in ``[0, num_classes)``, images of one shape,
+no empty split, no NaN/inf, each split scaled by its own dtype (``uint8`` / 255), and no float images that
+hold 0–255 pixel values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable
 
 import numpy as np
 
-from kdjax.errors import DatasetUnavailableError, unknown_name
+from kdjax.errors import DataError, DatasetUnavailableError, unknown_name
 
 
 class ArraySplit:
@@ -269,6 +273,101 @@ BUILTIN_DESCRIPTIONS = {
 }
 
 
+def _labels(path: str, key: str, labels: np.ndarray) -> np.ndarray:
+  """``labels`` as int64 after checking they are whole numbers in a 1-D array (the file and array named)."""
+  if labels.ndim != 1:
+    raise DataError(f"{path}: {key} must be a 1-D array of class ids; got shape {labels.shape}"
+                    + (" (one-hot labels? store labels.argmax(-1))" if labels.ndim == 2 else ""))
+  if labels.dtype.kind in "iu":
+    return labels.astype(np.int64)
+  if labels.dtype.kind == "f":
+    bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+    if bad.size:
+      raise DataError(f"{path}: {key} must hold integer class ids; index {int(bad[0])} is {labels[bad[0]]!r} "
+                      f"({bad.size} non-integer value(s); labels are never rounded or truncated)")
+    return labels.astype(np.int64)
+  raise DataError(f"{path}: {key} must hold integer class ids; got dtype {labels.dtype}")
+
+
+def _images(path: str, key: str, images: np.ndarray) -> np.ndarray:
+  """``images`` as float32 in their stored scale: ``uint8`` divided by 255, floats as they are (checked)."""
+  if images.ndim < 2:
+    raise DataError(f"{path}: {key} must have an example axis first ([n, ...]); got shape {images.shape}")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  if images.dtype.kind != "f":
+    raise DataError(f"{path}: {key} has dtype {images.dtype}; store images as uint8 (0-255, divided by 255 on "
+                    "load) or as floats (used as they are, e.g. in [0, 1])")
+  finite = np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+  if not finite.all() and key != "x_train":  # x_train: the batch that meets it stops training at its step
+    bad = np.flatnonzero(~finite)
+    raise DataError(f"{path}: {key} contains NaN or inf (example index {int(bad[0])}; {bad.size} example(s)); "
+                    "the test accuracy and cross-entropy would be wrong. Remove or repair those examples")
+  values = images[np.broadcast_to(finite.reshape((-1,) + (1,) * (images.ndim - 1)), images.shape)]
+  if values.size and values.min() >= 0 and 1 < values.max() <= 255 and np.all(values == np.round(values)):
+    raise DataError(f"{path}: {key} holds whole numbers from {values.min():g} to {values.max():g} as {images.dtype}: "
+                    "these look like 0-255 pixel values, but float images are used as they are (the models and the "
+                    "other splits expect [0, 1]). Store them as uint8, or divide them by 255")
+  return images.astype(np.float32)
+
+
+def check_npz_arrays(path: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+  """Validates the arrays of an ``.npz`` dataset and returns them scaled, with the class count.
+
+  ``num_classes`` is the file's ``num_classes`` entry when present; otherwise ``max(y_train) + 1``, and then
+  every class ``0 .. num_classes-1`` must occur in ``y_train`` (so that a stray label such as 255 or -1 is not
+  taken for a class). Every label of every split must lie in ``[0, num_classes)``.
+
+  Raises:
+    DataError: naming the file, the array, the index and the value that is wrong, and how to fix it.
+  """
+  out: dict[str, np.ndarray] = {}
+  labels = {k: _labels(path, k, arrays[k]) for k in ("y_train", "y_test") if k in arrays}
+  for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
+    if x_key not in arrays:
+      continue
+    if len(arrays[x_key]) == 0:
+      raise DataError(f"{path}: the {x_key.split('_')[1]} split is empty ({x_key} has shape {arrays[x_key].shape})")
+    if len(arrays[x_key]) != len(labels[y_key]):
+      raise DataError(f"{path}: {x_key} has {len(arrays[x_key])} examples but {y_key} has {len(labels[y_key])} labels")
+    out[x_key] = _images(path, x_key, arrays[x_key])
+    out[y_key] = labels[y_key].astype(np.int32)
+  if "x_test" in out and out["x_test"].shape[1:] != out["x_train"].shape[1:]:
+    raise DataError(f"{path}: x_test has examples of shape {out['x_test'].shape[1:]}, x_train "
+                    f"{out['x_train'].shape[1:]}; both splits must have the same example shape")
+  if "x_test" in out and arrays["x_test"].dtype != arrays["x_train"].dtype:
+    train_max, test_max = float(np.nanmax(out["x_train"])), float(np.nanmax(out["x_test"]))
+    if max(train_max, test_max) > 1.5 and min(train_max, test_max) <= 1.0:
+      raise DataError(f"{path}: x_train ({arrays['x_train'].dtype}) and x_test ({arrays['x_test'].dtype}) are on "
+                      f"different scales after loading (maxima {train_max:g} and {test_max:g}); store both splits "
+                      "with the same dtype and scale")
+  if "num_classes" in arrays:
+    value = np.asarray(arrays["num_classes"])
+    if value.shape != () or value.dtype.kind not in "iu" or int(value) < 1:
+      raise DataError(f"{path}: num_classes must be a positive integer scalar; got {value!r}")
+    num_classes, source = int(value), f"num_classes={int(value)} in the file"
+  else:
+    num_classes = int(labels["y_train"].max()) + 1
+    source = f"max(y_train) + 1 = {num_classes}; the file has no num_classes entry"
+    missing = np.setdiff1d(np.arange(max(num_classes, 0)), labels["y_train"])
+    if labels["y_train"].min() >= 0 and missing.size:
+      raise DataError(f"{path}: y_train implies {num_classes} classes ({source}), but classes "
+                      f"{_ranges(missing)} never occur in it; a stray label (e.g. 255 or -1 for 'ignore') would "
+                      "make a model with classes that do not exist. Remove those examples, or, if the dataset "
+                      "really has classes without training examples, store num_classes in the .npz")
+  for key, y in labels.items():
+    bad = np.flatnonzero((y < 0) | (y >= num_classes))
+    if bad.size:
+      raise DataError(f"{path}: {key}[{int(bad[0])}] = {int(y[bad[0]])} is not a class id in [0, {num_classes}) "
+                      f"({source}; {bad.size} such label(s)). Remove those examples, or fix the labels")
+  return out, num_classes
+
+
+def _ranges(values: np.ndarray) -> str:
+  values = [int(v) for v in values]
+  return ", ".join(map(str, values)) if len(values) <= 6 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
+
+
 def _load_npz(path: str, *, require_test: bool = True) -> Dataset:
   expected = "x_train, y_train, x_test, y_test" if require_test else "x_train, y_train (x_test, y_test optional)"
   if not os.path.exists(path):
@@ -280,12 +379,50 @@ def _load_npz(path: str, *, require_test: bool = True) -> Dataset:
       raise ValueError(f"{path}: expected arrays {expected}; missing {sorted(missing)} (found {sorted(data.files)})"
                        + ("; a train-only file needs --config.test_dataset" if require_test and
                           {"x_test", "y_test"} >= missing else ""))
-    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}
-  has_test = "x_test" in arrays and "y_test" in arrays
-  num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max() if has_test else 0) + 1)
-  scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
-  test = ArraySplit(arrays["x_test"] / scale, arrays["y_test"]) if has_test else None
-  return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"] / scale, arrays["y_train"]), test, num_classes)
+    arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test", "num_classes") if k in data.files}
+  if ("x_test" in arrays) != ("y_test" in arrays):
+    raise DataError(f"{path}: has {'x_test' if 'x_test' in arrays else 'y_test'} without "
+                    f"{'y_test' if 'x_test' in arrays else 'x_test'}; store both or neither")
+  arrays, num_classes = check_npz_arrays(path, arrays)
+  test = ArraySplit(arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
+  return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"], arrays["y_train"]), test, num_classes)
+
+
+def fingerprint(dataset: Dataset) -> str:
+  """A short hash of what a stage trains and is tested on (recorded in ``config.json``, checked on resume).
+
+  In-memory splits hash their arrays; TFDS splits their length, example shape and first and last records;
+  subsets and standardised views add their indices, label maps, means and standard deviations.
+  """
+  h = hashlib.sha256()
+
+  def add(split):
+    if split is None:
+      h.update(b"none")
+    elif isinstance(split, ArraySplit):
+      h.update(str((split.images.shape, split.labels.shape)).encode())
+      h.update(np.ascontiguousarray(split.images).data)
+      h.update(np.ascontiguousarray(split.labels).data)
+    elif isinstance(split, SubsetSplit):
+      add(split.split)
+      h.update(np.ascontiguousarray(split.indices).data)
+      if split.label_map is not None:
+        h.update(np.ascontiguousarray(split.label_map).data)
+    elif isinstance(split, StandardizedSplit):
+      add(split.split)
+      h.update(split.mean.tobytes() + split.std.tobytes())
+    elif isinstance(split, TfdsSplit):
+      h.update(str((len(split), split.example_shape)).encode())
+      for i in {0, len(split) - 1}:
+        images, labels = split.get(np.asarray([i]))
+        h.update(images.tobytes() + labels.tobytes())
+    else:  # a split type this function does not know: its size and shape only
+      h.update(str((type(split).__name__, len(split), split.example_shape)).encode())
+
+  h.update(str(dataset.num_classes).encode())
+  for split in (dataset.train, dataset.test, dataset.retrieval):
+    add(split)
+  return h.hexdigest()[:16]
 
 
 def _load_tfds(name: str, data_dir: str | None) -> Dataset:

@@ -52,6 +52,43 @@ def check_positive(name: str, value) -> None:
     return
   if not concrete > 0:
     raise ValueError(f"{name} must be > 0, got {value!r}")
+  if concrete == float("inf"):
+    raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def concrete_value(x):
+  """``x`` as a NumPy array when it is concrete (eager), ``None`` when it is traced (under jit/grad/vmap)."""
+  import jax
+  import numpy as np
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except jax.errors.ConcretizationTypeError:
+    return None
+
+
+def check_unit_interval(name: str, value) -> None:
+  """Raises ValueError if a concrete hyperparameter is not in ``[0, 1]`` (traced values pass through)."""
+  concrete = concrete_value(value)
+  if concrete is not None and not (concrete.shape == () and 0.0 <= float(concrete) <= 1.0):
+    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def check_class_ids(name: str, labels, num_classes: int) -> None:
+  """Raises ValueError if concrete integer ``labels`` are not class ids in ``[0, num_classes)``, naming the first
+  bad index (traced labels pass through; the losses return NaN for them, which the training step's guard stops)."""
+  concrete = concrete_value(labels)
+  if concrete is None:
+    return
+  import numpy as np
+  if concrete.dtype.kind not in "iu":
+    raise ValueError(f"{name} must be integer class ids, got dtype {concrete.dtype}")
+  bad = np.argwhere((concrete < 0) | (concrete >= num_classes))
+  if bad.size:
+    index = tuple(int(i) for i in bad[0])
+    raise ValueError(f"{name}{list(index)} = {int(concrete[index])} is not a class id in [0, {num_classes}) "
+                     f"({len(bad)} such label(s))")
 
 
 def check_same_shape(what: str, student, teacher) -> None:

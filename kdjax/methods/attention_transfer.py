@@ -71,10 +71,22 @@ def attention_map(feat: jax.Array, *, p: float = 2) -> jax.Array:
   odd or fractional p (negative values, NaN); kdjax uses ``|x|^p`` as the paper writes, identical for even p.
   The epsilon is torch's ``F.normalize`` default and keeps dead (all-zero) maps finite; the norm's gradient
   at 0 is taken as 0.
+
+  Numerics: each example's features are first divided by their largest magnitude (a constant for the
+  gradient: the normalised map does not depend on it), so ``|feat|^p`` neither overflows (features of 1e10
+  would give inf and a zero map with zero gradient in float32) nor underflows, in any float dtype; the
+  computation runs in float32 or wider. This differs from the references only for features whose map norm
+  ``‖mean_c |feat|^p‖₂`` is below their 1e-12 epsilon (magnitudes below ~1e-6 for p = 2), where the
+  references return an unnormalised, nearly zero map and kdjax the normalised one. An empty batch gives
+  ``[0, H*W]``.
   """
   check_positive("p", p)
   if feat.ndim != 4:
     raise ValueError(f"attention_map expects an NHWC feature [batch, H, W, C]; got shape {feat.shape}")
+  feat = jnp.asarray(feat)
+  feat = feat.astype(jnp.promote_types(feat.dtype, jnp.float32))
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(feat), axis=(1, 2, 3), keepdims=True))
+  feat = feat / jnp.where(scale > 0, scale, 1.0)  # the map is scale-free; this keeps |feat|^p in range
   try:
     concrete = float(p)
   except Exception:  # a traced p: the general power
@@ -85,7 +97,7 @@ def attention_map(feat: jax.Array, *, p: float = 2) -> jax.Array:
     q = feat ** k if k % 2 == 0 else jnp.abs(feat) ** k
   else:
     q = jnp.abs(feat) ** p
-  q = jnp.mean(q, axis=-1).reshape(feat.shape[0], -1)
+  q = jnp.mean(q, axis=-1).reshape(feat.shape[0], feat.shape[1] * feat.shape[2])  # not -1: batch 0 is allowed
   norm = _safe_norm(q, axis=-1)
   return q / jnp.maximum(norm, _NORMALIZE_EPS)[:, None]
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax.errors import check_positive, check_same_shape, unknown_name
+from kdjax.errors import check_class_ids, check_positive, check_same_shape, unknown_name
 from kdjax.models.batch_norm import BatchNorm
 
 _REDUCTIONS = ("mean", "paper")
@@ -230,7 +230,11 @@ def kd_loss_no_t2(
   if labels.ndim == 1:
     if labels.shape[0] != student_logits.shape[0]:
       raise ValueError(f"kd_loss_no_t2: labels {labels.shape} do not match logits {student_logits.shape}")
-    hard = -jnp.take_along_axis(log_p_s, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    num_classes = student_logits.shape[-1]
+    check_class_ids("kd_loss_no_t2 labels", labels, num_classes)  # eager; traced bad labels give NaN below
+    ids = labels.astype(jnp.int32)
+    picked = jnp.take_along_axis(log_p_s, jnp.clip(ids, 0, num_classes - 1)[:, None], axis=-1)[:, 0]
+    hard = jnp.where((ids >= 0) & (ids < num_classes), -picked, jnp.nan)
   else:
     check_same_shape("kd_loss_no_t2 labels (as probabilities) vs logits", labels, student_logits)
     hard = -jnp.sum(labels * log_p_s, axis=-1)

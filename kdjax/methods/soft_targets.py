@@ -24,6 +24,16 @@ Paper vs public code:
   (``α·KD + (1−α)·CE``, α = 0.9, T = 4). :func:`distillation_loss` takes ``alpha`` as the
   soft weight, so both read the same; Hinton's MNIST run (hard labels plus soft targets at
   T = 20) is ``alpha`` close to 1.
+
+Numerics (tested in ``tests/test_loss_numerics.py``): logits are promoted to at least float32 before
+they are divided by ``T`` (float16/bfloat16 logits at a low temperature would overflow), and the results
+are float32. A teacher class with logit ``-inf`` (a masked class) has probability 0 and contributes 0
+(``p·log p = 0``), so the loss stays finite as long as each teacher row has one finite logit and the
+student's logits are finite; a row of only ``-inf`` has no distribution and gives NaN. Hard labels
+outside ``[0, classes)`` are refused eagerly; under ``jit`` (where they cannot be checked without a host
+sync) they give NaN, never a silently wrapped class, so the training step's non-finite guard stops the
+run. ``temperature`` (finite, > 0) and ``alpha`` (in ``[0, 1]``) are checked eagerly when concrete.
+An empty batch gives an empty result.
 """
 
 from __future__ import annotations
@@ -33,7 +43,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kdjax.errors import check_positive, check_same_shape
+from kdjax.errors import check_class_ids, check_positive, check_same_shape, check_unit_interval
+
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+  """``x`` as float32 or wider: the tempered softmax of float16 logits overflows at a low temperature."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def soft_target_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
@@ -51,7 +67,7 @@ def soft_target_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
   """
   check_same_shape("soft_target_loss logits", student_logits, teacher_logits)
   check_positive("temperature", temperature)
-  teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  teacher_log_probs = jax.nn.log_softmax(_at_least_float32(teacher_logits) / temperature, axis=-1)
   return soft_target_loss_from_log_probs(student_logits, teacher_log_probs, temperature=temperature)
 
 
@@ -72,11 +88,13 @@ def soft_target_loss_from_log_probs(student_logits: jax.Array, teacher_log_probs
   """
   check_same_shape("soft_target_loss logits", student_logits, teacher_log_probs)
   check_positive("temperature", temperature)
-  student_log_probs = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  student_log_probs = jax.nn.log_softmax(_at_least_float32(student_logits) / temperature, axis=-1)
+  teacher_log_probs = _at_least_float32(teacher_log_probs)
   teacher_probs = jnp.exp(teacher_log_probs)
-  # p·log p is 0 where p underflows to 0; log_softmax keeps both logs finite, so no NaN.
-  kl = jnp.sum(teacher_probs * (teacher_log_probs - student_log_probs), axis=-1)
-  return temperature**2 * kl
+  # p·log p is 0 where p is 0: a class the teacher masks with -inf (log p = -inf, 0·-inf = NaN) contributes 0.
+  # The unselected branch's gradient is multiplied by p = 0, so the gradient stays finite too.
+  terms = jnp.where(teacher_probs > 0, teacher_probs * (teacher_log_probs - student_log_probs), 0.0)
+  return temperature**2 * jnp.sum(terms, axis=-1)
 
 
 def ensemble_log_probs(member_logits: jax.Array, *, temperature: float,
@@ -93,7 +111,7 @@ def ensemble_log_probs(member_logits: jax.Array, *, temperature: float,
     ``[..., classes]`` log-probabilities of the ensemble's soft targets.
   """
   check_positive("temperature", temperature)
-  log_probs = jax.nn.log_softmax(member_logits / temperature, axis=-1)
+  log_probs = jax.nn.log_softmax(_at_least_float32(member_logits) / temperature, axis=-1)
   if mean == "arithmetic":
     return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(member_logits.shape[0])
   if mean == "geometric":
@@ -102,12 +120,21 @@ def ensemble_log_probs(member_logits: jax.Array, *, temperature: float,
 
 
 def hard_label_loss(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example cross-entropy with integer labels at ``T = 1``: ``[batch, classes] -> [batch]``."""
+  """Per-example cross-entropy with integer labels at ``T = 1``: ``[batch, classes] -> [batch]``.
+
+  Labels outside ``[0, classes)`` raise eagerly (the first bad index named); traced ones give NaN.
+  """
+  labels = jnp.asarray(labels)
   if labels.shape != student_logits.shape[:-1]:
     raise ValueError(f"labels must have shape {student_logits.shape[:-1]} (the logits' batch shape); "
                      f"got {labels.shape}")
-  log_probs = jax.nn.log_softmax(student_logits, axis=-1)
-  return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  num_classes = student_logits.shape[-1]
+  check_class_ids("labels", labels, num_classes)
+  log_probs = jax.nn.log_softmax(_at_least_float32(student_logits), axis=-1)
+  labels = labels.astype(jnp.int32)
+  valid = (labels >= 0) & (labels < num_classes)
+  picked = jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[..., None], axis=-1)[..., 0]
+  return jnp.where(valid, -picked, jnp.nan)
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
@@ -133,11 +160,12 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
     ``[batch]``.
   """
   check_positive("temperature", temperature)
+  check_unit_interval("alpha (the soft-term weight)", alpha)
   if teacher_logits.ndim == student_logits.ndim + 1:
     teacher_log_probs = ensemble_log_probs(teacher_logits, temperature=temperature, mean=ensemble_mean)
   else:
     check_same_shape("distillation_loss logits", student_logits, teacher_logits)
-    teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    teacher_log_probs = jax.nn.log_softmax(_at_least_float32(teacher_logits) / temperature, axis=-1)
   soft = soft_target_loss_from_log_probs(student_logits, teacher_log_probs, temperature=temperature)
   hard = hard_label_loss(student_logits, jnp.where(label_mask > 0, labels, 0) if label_mask is not None
                          else labels)
@@ -154,6 +182,7 @@ def task_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.
   Hinton's :func:`distillation_loss` with weight ``alpha`` on the soft term — how the AT and
   RepDistiller codes combine their feature losses with plain training or with KD.
   """
+  check_unit_interval("alpha (the soft-term weight)", alpha)
   if alpha > 0:
     return distillation_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
                              label_mask=label_mask)
@@ -169,8 +198,7 @@ def make_objective(*, temperature: float, alpha: float, ensemble_mean: str):
   """The training objective: :func:`distillation_loss` with the batch's labels and label mask."""
   from kdjax.methods.objective import Objective
   check_positive("temperature", temperature)
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha (the soft-term weight) must be in [0, 1], got {alpha}")
+  check_unit_interval("alpha (the soft-term weight)", alpha)
 
   def fn(student, teacher, batch, progress):
     del progress

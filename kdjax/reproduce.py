@@ -79,6 +79,71 @@ def describe_result(result: dict) -> str:
   return "; ".join(parts)
 
 
+def _dataset_facts(name: str) -> dict[str, Any] | None:
+  """Train-set size and image height/width of a dataset, or ``None`` when it cannot be loaded here."""
+  from kdjax import data as kdata
+  try:
+    ds = kdata.load(name, require_test=False)
+  except Exception:  # noqa: BLE001 - a dataset not prepared here: the notice says so instead
+    return None
+  shape = tuple(ds.example_shape)
+  return {"train": len(ds.train), "height": shape[0] if len(shape) == 3 else None,
+          "width": shape[1] if len(shape) == 3 else None, "classes": ds.num_classes, "shape": shape}
+
+
+def dataset_notice(paper, dataset: str, *, full: bool = False) -> list[str]:
+  """What ``kdjax reproduce --dataset`` keeps from a protocol designed for another dataset, as lines to print.
+
+  The protocol's settings stay as written — jitter in pixels, the number of labelled examples, epochs or
+  steps, channel statistics, held-out classes — so each line sets the value beside the designed dataset's
+  size and the chosen one's (``[]`` when ``dataset`` is the protocol's own).
+  """
+  suffix = ",full" if full else ""
+  configs = {v: paper.get_config(v + suffix) for v in paper.PROTOCOL}
+  designed = next((c.dataset for c in configs.values() if not c.dataset.startswith("@")), None)
+  if designed is None or dataset == designed:
+    return []
+  ours, theirs = _dataset_facts(designed), _dataset_facts(dataset)
+  lines = [f"note: this protocol was designed for {designed!r}; on {dataset!r} its settings are used as written, "
+           "not rescaled, so compare results with care:"]
+  if ours is None or theirs is None:
+    lines.append(f"  (could not load {designed if ours is None else dataset!r} here to compare sizes)")
+  if ours and theirs and ours["classes"] != theirs["classes"]:
+    lines.append(f"  classes: {ours['classes']} in {designed!r}, {theirs['classes']} in {dataset!r}")
+  for variant, c in configs.items():
+    parts = []
+    if c.jitter:
+      text = f"jitter {c.jitter} px"
+      if ours and theirs and ours["height"] and theirs["height"]:
+        text += (f" ({c.jitter / ours['height']:.0%} of {designed}'s {ours['height']}-px height, "
+                 f"{c.jitter / theirs['height']:.0%} of {dataset}'s {theirs['height']} px)")
+      parts.append(text)
+    if c.labelled_examples:
+      text = f"{c.labelled_examples} labelled examples"
+      if ours and theirs:
+        text += (f" ({c.labelled_examples / ours['train']:.0%} of {designed}'s {ours['train']} training examples, "
+                 + (f"{c.labelled_examples / theirs['train']:.0%} of {dataset}'s {theirs['train']})"
+                    if c.labelled_examples < theirs["train"] else
+                    f"but {dataset!r} has only {theirs['train']}: every example is labelled, none is left for "
+                    "the teacher alone)"))
+      parts.append(text)
+    if c.num_steps:
+      parts.append(f"{c.num_steps} steps")
+    elif ours and theirs:
+      n_ours = c.labelled_examples if c.labelled_examples and not c.include_unlabelled else ours["train"]
+      n_theirs = (min(c.labelled_examples, theirs["train"]) if c.labelled_examples and not c.include_unlabelled
+                  else theirs["train"])
+      parts.append(f"{c.num_epochs} epochs ({c.num_epochs * (n_ours // c.batch_size)} steps on {designed!r}, "
+                   f"{c.num_epochs * (n_theirs // c.batch_size)} on {dataset!r})")
+    if c.image_mean:
+      parts.append(f"inputs standardised with {designed}'s channel statistics {tuple(c.image_mean)}")
+    if c.held_out_classes:
+      parts.append(f"held-out classes {tuple(c.held_out_classes)} chosen for {designed!r}")
+    if parts:
+      lines.append(f"  {variant}: " + "; ".join(parts))
+  return lines
+
+
 def _stats(values: list[float]) -> dict[str, float]:
   return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -96,6 +161,9 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
   for index, variant in enumerate(paper.PROTOCOL):  # a bad "@<variant>" fails before any training
     resolve_run_references(paper.get_config(variant + (",full" if full else "")), seed_dir=workdir,
                            variant=variant, done=tuple(paper.PROTOCOL[:index]))
+  if dataset:
+    for line in dataset_notice(paper, dataset, full=full):
+      echo(line)
   runs: dict[str, dict[str, list]] = {}
   configs: dict[str, Any] = {}
   for seed in range(seeds):
@@ -105,7 +173,9 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
       with config.unlocked():
         config.seed = seed
         config.split_seed = seed
-        if dataset:
+        if dataset and config.dataset.startswith("@"):  # a file an earlier stage wrote: test on the chosen set
+          config.test_dataset = dataset if not config.test_dataset.startswith("@") else config.test_dataset
+        elif dataset:
           config.dataset = dataset
       kconfig.apply_overrides(config, overrides or {})
       stage_dir = os.path.join(seed_dir, variant)

@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_list(what: str) -> None:
   from kdjax import config as kconfig
   from kdjax import data, models
+  from kdjax.reproduce import locate_papers
+  locate_papers()
   if what in ("papers", "all"):
     print("papers (kdjax reproduce KEY):")
     for key in kconfig.paper_keys():

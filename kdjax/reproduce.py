@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import statistics
 from typing import Any
 
@@ -27,8 +28,24 @@ from kdjax.errors import unknown_name
 from kdjax.methods.objective import needs_teacher
 
 
+def locate_papers() -> None:
+  """Lets :func:`kdjax.config.papers_dir` find the paper configs of a wheel install.
+
+  A checkout has ``papers/`` beside the package; a wheel ships it inside, as ``kdjax/papers`` (setup.py). When no
+  ``papers/`` folder is found the usual ways and ``$KDJAX_PAPERS_DIR`` is unset, it is set to the shipped copy.
+  """
+  packaged = pathlib.Path(__file__).resolve().parent / "papers"
+  if os.environ.get(kconfig.PAPERS_DIR_ENV) or not (packaged / "soft_targets").is_dir():
+    return
+  try:
+    kconfig.papers_dir()
+  except FileNotFoundError:
+    os.environ[kconfig.PAPERS_DIR_ENV] = str(packaged)
+
+
 def load_paper(key: str):
   """The ``papers/<key>/config.py`` module; an unknown key lists the known papers."""
+  locate_papers()
   keys = kconfig.paper_keys()
   if key not in keys:
     raise unknown_name("paper", key, keys)

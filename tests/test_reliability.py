@@ -300,3 +300,31 @@ def test_the_lock_is_released_so_the_same_process_can_run_again(tmp_path):
   t0 = time.time()
   train_and_evaluate(tiny_config(), workdir, progress=False)
   assert time.time() - t0 < 60
+
+
+def test_progress_is_a_log_line_every_n_seconds_when_not_a_terminal_and_a_bar_on_one(tmp_path, caplog):
+  import io
+  import logging
+
+  from kdjax.logging_utils import MetricWriter
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+  caplog.set_level(logging.INFO, logger="kdjax.logging_utils")
+  log_stream = io.StringIO()
+  writer = MetricWriter(str(tmp_path / "log"), total_steps=4, progress=True, description="stage",
+                        progress_seconds=0.0, stream=log_stream)
+  writer.write(2, {"train/loss": 1.5})
+  for step in range(1, 5):
+    writer.advance(step)
+  writer.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage: step")]
+  assert len(lines) == 4 and lines[-1].startswith("stage: step 4/4 (100%)") and lines[-1].endswith("loss 1.5")
+  assert log_stream.getvalue() == ""  # nothing written with carriage returns
+  caplog.clear()
+  terminal = Terminal()
+  writer = MetricWriter(str(tmp_path / "tty"), total_steps=4, progress=True, description="stage", stream=terminal)
+  writer.advance(4)
+  writer.close()
+  assert "\r" in terminal.getvalue() and not any("stage: step" in r.getMessage() for r in caplog.records)

@@ -652,6 +652,19 @@ def check_stage_data(config: ml_collections.ConfigDict, dataset: kdata.Dataset, 
       raise ValueError(f"the {name} split of {config.test_dataset or config.dataset!r} is empty")
 
 
+def check_model_input(model: nn.Module, name: str, example_shape: Sequence[int], *, dataset: str) -> None:
+  """Raises ValueError, naming the model, the dataset and the shape, if ``model`` cannot take ``example_shape``
+  inputs (traced with ``jax.eval_shape``: nothing is computed)."""
+  example = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  try:
+    jax.eval_shape(lambda x: model.init({"params": key, "dropout": key}, x, train=False), example)
+  except Exception as e:  # noqa: BLE001 - any layer's shape error, re-raised with the model and data named
+    raise ValueError(f"model {name!r} cannot take the examples of dataset {dataset!r} (shape {tuple(example_shape)}): "
+                     f"{type(e).__name__}: {str(e).splitlines()[0][:200]}; pick a model for this input shape "
+                     "(`kdjax list models`) or reshape the data") from None
+
+
 def check_resumable(workdir: str, saved_config: dict[str, Any]) -> None:
   """Refuses to resume ``workdir`` with a config that differs from the one it recorded.
 
@@ -706,6 +719,8 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
                                          split_seed=config.split_seed)
   check_stage_data(config, dataset, transfer_set, program)
   student = build_model(config.model, config.model_kwargs, dataset.num_classes) if program.exports_model else None
+  if student is not None:
+    check_model_input(student, config.model, dataset.example_shape, dataset=config.dataset)
   teacher_models, teacher_variables, partial = [], [], {}
   if program.needs_teacher:
     teacher_models, teacher_variables = load_teachers(

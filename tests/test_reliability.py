@@ -328,3 +328,12 @@ def test_progress_is_a_log_line_every_n_seconds_when_not_a_terminal_and_a_bar_on
   writer.advance(4)
   writer.close()
   assert "\r" in terminal.getvalue() and not any("stage: step" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_that_cannot_take_the_inputs_is_refused_before_config_json(tmp_path):
+  data = save_npz(tmp_path / "flat.npz", shape=(64,))
+  with pytest.raises(ValueError, match=r"model 'small_cnn' cannot take the examples of dataset .*flat.npz' "
+                                       r"\(shape \(64,\)\)"):
+    train_and_evaluate(tiny_config(dataset=data, model="small_cnn", model_kwargs={"channels": (4,), "dense": 8}),
+                       str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "run").exists()

@@ -63,9 +63,18 @@ def save_npz(path, *, n=64, shape=(8, 8, 1), classes=10, seed=0, **replace):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+  """A finished run of :func:`tiny_config` (used read-only; tests that change a run copy it with finished_run)."""
   workdir = str(tmp_path_factory.mktemp("teacher") / "run")
   train_and_evaluate(tiny_config(), workdir, progress=False)
   return workdir
+
+
+@pytest.fixture
+def finished_run(tmp_path, teacher_dir):
+  """A private copy of the finished run of :func:`tiny_config`."""
+  import shutil
+  shutil.copytree(teacher_dir, tmp_path / "run")
+  return tmp_path / "run"
 
 
 # --- refused before anything is written ---------------------------------------------------------------------
@@ -106,9 +115,9 @@ def test_a_teacher_with_another_class_count_is_refused_before_config_json(tmp_pa
   assert not (tmp_path / "run").exists()
 
 
-def test_evaluation_only_fields_may_change_on_resume_and_others_may_not(tmp_path):
-  workdir = str(tmp_path / "run")
-  first = train_and_evaluate(tiny_config(), workdir, progress=False)
+def test_evaluation_only_fields_may_change_on_resume_and_others_may_not(tmp_path, finished_run):
+  workdir = str(finished_run)
+  first = json.loads((finished_run / "results.json").read_text())
   again = train_and_evaluate(tiny_config(eval_batch_size=48, log_every_steps=1, checkpoint_every_steps=1,
                                          keep_checkpoints=5), workdir, progress=False)
   assert again["test_errors"] == first["test_errors"]
@@ -172,9 +181,8 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holders_lock_i
 @pytest.mark.parametrize("error", [MemoryError("out of memory"), OSError(errno.EIO, "Input/output error"),
                                    PermissionError(errno.EACCES, "Permission denied"),
                                    ValueError("UNAVAILABLE: network file system not responding")])
-def test_a_machine_error_while_restoring_propagates_and_keeps_the_finished_run(tmp_path, monkeypatch, error):
-  workdir = tmp_path / "run"
-  train_and_evaluate(tiny_config(), str(workdir), progress=False)
+def test_a_machine_error_while_restoring_propagates_and_keeps_the_finished_run(finished_run, monkeypatch, error):
+  workdir = finished_run
   results = (workdir / "results.json").read_text()
   steps = sorted(os.listdir(workdir / "checkpoints"))
 
@@ -200,9 +208,8 @@ def test_corrupt_checkpoint_errors_are_told_from_machine_errors():
   assert not any(ckpt.is_corrupt_checkpoint_error(e) for e in machine + [wrapped])
 
 
-def test_a_finished_run_without_a_readable_checkpoint_is_not_retrained_over(tmp_path):
-  workdir = tmp_path / "run"
-  train_and_evaluate(tiny_config(), str(workdir), progress=False)
+def test_a_finished_run_without_a_readable_checkpoint_is_not_retrained_over(finished_run):
+  workdir = finished_run
   results = (workdir / "results.json").read_text()
   for step in os.listdir(workdir / "checkpoints"):  # a damaged disk: every checkpoint unreadable
     for root, _, files in os.walk(workdir / "checkpoints" / step):
@@ -268,13 +275,12 @@ def test_an_unfinished_teacher_is_refused_unless_allowed_and_the_allowance_is_re
   assert "step 4 of 8" in " ".join(recorded["partial_teachers"][str(teacher)])
 
 
-def test_a_teacher_with_a_corrupt_newest_checkpoint_is_refused_unless_allowed(tmp_path):
-  teacher = tmp_path / "teacher"
-  train_and_evaluate(tiny_config(), str(teacher), progress=False)
+def test_a_teacher_with_a_corrupt_newest_checkpoint_is_refused_unless_allowed(finished_run):
+  teacher = finished_run
   for root, _, files in os.walk(teacher / "checkpoints" / "4"):  # a bad disk under the newest checkpoint
     for name in files:
       (open(os.path.join(root, name), "wb")).write(b"garbage")
-  with pytest.raises(UnfinishedRunError, match=r"newest checkpoint of .*teacher' \(step 4\) is unreadable"):
+  with pytest.raises(UnfinishedRunError, match=r"newest checkpoint of .*run' \(step 4\) is unreadable"):
     train.load_teachers(str(teacher))
   (model,), (variables,) = train.load_teachers(str(teacher), allow_partial=True)  # step 2 instead
   assert set(variables["params"]) == {"dense_0", "head"}

@@ -567,13 +567,15 @@ EVALUATION_ONLY_FIELDS = ("eval_batch_size", "log_every_steps", "checkpoint_ever
 # resumes without it being compared.
 RECORDED_FIELDS = ("data_fingerprint", "example_shape", "partial_teachers")
 # Config fields kdjax.config.default_stage_config may not define yet; setup adds them with these defaults.
-EXTRA_STAGE_FIELDS = {"allow_partial_teacher": False}
+EXTRA_STAGE_FIELDS = {"allow_partial_teacher": False, "num_classes": 0}
 
 
 def ensure_stage_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the fields of :data:`EXTRA_STAGE_FIELDS` that ``config`` lacks (with their defaults), in place.
 
   ``allow_partial_teacher``: accept an unfinished teacher or ``init_from`` run (:func:`load_teachers`).
+  ``num_classes``: the dataset's class count when its labels do not show it (an ``.npz`` whose classes do not
+  all occur in ``y_train``); 0 = from the data. ``config.json`` records the count used.
   """
   missing = {k: v for k, v in EXTRA_STAGE_FIELDS.items() if k not in config}
   if missing:
@@ -607,10 +609,11 @@ def check_stage_config(config: ml_collections.ConfigDict) -> None:
       "labelled_examples": "0 = every training example keeps its label",
       "seed": "the run's random seed",
       "split_seed": "which examples keep their labels",
+      "num_classes": "the dataset's class count; 0 = from the data",
   }
   minimum = {"batch_size": 1, "eval_batch_size": 1, "log_every_steps": 1, "checkpoint_every_steps": 1,
              "keep_checkpoints": 1, "num_steps": 0, "num_epochs": 0, "jitter": 0, "labelled_examples": 0,
-             "seed": 0, "split_seed": 0}
+             "seed": 0, "split_seed": 0, "num_classes": 0}
   for name, low in minimum.items():
     value = config[name]
     if not (_is_int(value) and value >= low):
@@ -761,9 +764,12 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
 def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
   """The stage's dataset: ``config.dataset``, tested on ``config.test_dataset`` (if set), standardised,
   with ``config.held_out_classes`` split off as the retrieval set (if set)."""
-  dataset = kdata.load(config.dataset, data_dir=config.data_dir or None, require_test=not config.test_dataset)
+  num_classes = config.get("num_classes", 0) or None
+  dataset = kdata.load(config.dataset, data_dir=config.data_dir or None, require_test=not config.test_dataset,
+                       num_classes=num_classes)
   if config.test_dataset:
-    dataset = kdata.with_test_split(dataset, kdata.load(config.test_dataset, data_dir=config.data_dir or None))
+    dataset = kdata.with_test_split(dataset, kdata.load(config.test_dataset, data_dir=config.data_dir or None,
+                                                        num_classes=num_classes))
   if config.image_mean:
     dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
   if config.held_out_classes:

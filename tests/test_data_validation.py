@@ -92,3 +92,20 @@ def test_a_data_file_changed_under_a_resumed_run_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"the data of .*data.npz' changed since the run in .* started \(data "
                                        r"fingerprint [0-9a-f]{16} then, [0-9a-f]{16} now\)"):
     train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+
+
+def test_an_explicit_num_classes_admits_classes_without_examples_and_checks_the_labels(tmp_path):
+  path = tmp_path / "data.npz"
+  np.savez(path, **arrays())  # labels 0..3
+  c = default_stage_config()
+  c.dataset, c.model, c.model_kwargs = str(path), "mlp", {"hidden": (8,)}
+  c.batch_size, c.num_steps, c.eval_batch_size = 8, 1, 16
+  c.num_classes = 6
+  train_and_evaluate(c, str(tmp_path / "six"), progress=False)
+  import json
+  assert json.loads((tmp_path / "six" / "config.json").read_text())["num_classes"] == 6
+  c.num_classes = 3
+  with pytest.raises(DataError, match=r"y_train\[3\] = 3 is not a class id in \[0, 3\) \(num_classes=3 given"):
+    train_and_evaluate(c, str(tmp_path / "three"), progress=False)
+  with pytest.raises(DataError, match=r"dataset 'digits' has 10 classes \(its metadata\), but num_classes=3"):
+    kdata.load("digits", num_classes=3)

@@ -311,10 +311,12 @@ def _images(path: str, key: str, images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def check_npz_arrays(path: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+def check_npz_arrays(path: str, arrays: dict[str, np.ndarray], *, num_classes: int | None = None
+                     ) -> tuple[dict[str, np.ndarray], int]:
   """Validates the arrays of an ``.npz`` dataset and returns them scaled, with the class count.
 
-  ``num_classes`` is the file's ``num_classes`` entry when present; otherwise ``max(y_train) + 1``, and then
+  The class count is ``num_classes`` when given (``config.num_classes``; it must agree with the file's entry if
+  both exist), else the file's ``num_classes`` entry when present; otherwise ``max(y_train) + 1``, and then
   every class ``0 .. num_classes-1`` must occur in ``y_train`` (so that a stray label such as 255 or -1 is not
   taken for a class). Every label of every split must lie in ``[0, num_classes)``.
 
@@ -341,11 +343,17 @@ def check_npz_arrays(path: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str
       raise DataError(f"{path}: x_train ({arrays['x_train'].dtype}) and x_test ({arrays['x_test'].dtype}) are on "
                       f"different scales after loading (maxima {train_max:g} and {test_max:g}); store both splits "
                       "with the same dtype and scale")
+  given = num_classes
   if "num_classes" in arrays:
     value = np.asarray(arrays["num_classes"])
     if value.shape != () or value.dtype.kind not in "iu" or int(value) < 1:
       raise DataError(f"{path}: num_classes must be a positive integer scalar; got {value!r}")
     num_classes, source = int(value), f"num_classes={int(value)} in the file"
+    if given is not None and given != num_classes:
+      raise DataError(f"{path}: the file says num_classes={num_classes}, but num_classes={given} was given; "
+                      "remove --config.num_classes or make them agree")
+  elif given is not None:
+    source = f"num_classes={given} given"
   else:
     num_classes = int(labels["y_train"].max()) + 1
     source = f"max(y_train) + 1 = {num_classes}; the file has no num_classes entry"
@@ -368,7 +376,7 @@ def _ranges(values: np.ndarray) -> str:
   return ", ".join(map(str, values)) if len(values) <= 6 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
 
 
-def _load_npz(path: str, *, require_test: bool = True) -> Dataset:
+def _load_npz(path: str, *, require_test: bool = True, num_classes: int | None = None) -> Dataset:
   expected = "x_train, y_train, x_test, y_test" if require_test else "x_train, y_train (x_test, y_test optional)"
   if not os.path.exists(path):
     raise DatasetUnavailableError(f"dataset file {path!r} does not exist; expected an .npz with arrays {expected}")
@@ -383,7 +391,7 @@ def _load_npz(path: str, *, require_test: bool = True) -> Dataset:
   if ("x_test" in arrays) != ("y_test" in arrays):
     raise DataError(f"{path}: has {'x_test' if 'x_test' in arrays else 'y_test'} without "
                     f"{'y_test' if 'x_test' in arrays else 'x_test'}; store both or neither")
-  arrays, num_classes = check_npz_arrays(path, arrays)
+  arrays, num_classes = check_npz_arrays(path, arrays, num_classes=num_classes)
   test = ArraySplit(arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
   return Dataset(os.path.basename(path), ArraySplit(arrays["x_train"], arrays["y_train"]), test, num_classes)
 
@@ -450,13 +458,18 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
   return Dataset(name, splits["train"], splits["test"], num_classes)
 
 
-def load(name: str, *, data_dir: str | None = None, require_test: bool = True) -> Dataset:
+def load(name: str, *, data_dir: str | None = None, require_test: bool = True,
+         num_classes: int | None = None) -> Dataset:
   """Loads a dataset by name: built-in, ``path/to/file.npz``, or a TFDS catalogue name.
 
-  ``require_test=False`` accepts a train-only ``.npz`` (``test`` is then ``None``).
+  ``require_test=False`` accepts a train-only ``.npz`` (``test`` is then ``None``). ``num_classes`` (optional)
+  is the class count the caller expects: an ``.npz`` without a ``num_classes`` entry takes it (its labels are
+  checked against it), and a dataset whose metadata gives another count is refused.
   """
-  if name in BUILTIN:
-    return BUILTIN[name]()
   if name.endswith(".npz"):
-    return _load_npz(name, require_test=require_test)
-  return _load_tfds(name, data_dir)
+    return _load_npz(name, require_test=require_test, num_classes=num_classes)
+  dataset = BUILTIN[name]() if name in BUILTIN else _load_tfds(name, data_dir)
+  if num_classes is not None and num_classes != dataset.num_classes:
+    raise DataError(f"dataset {name!r} has {dataset.num_classes} classes (its metadata), but num_classes="
+                    f"{num_classes} was given; remove --config.num_classes or set it to {dataset.num_classes}")
+  return dataset

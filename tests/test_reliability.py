@@ -343,3 +343,17 @@ def test_a_model_that_cannot_take_the_inputs_is_refused_before_config_json(tmp_p
     train_and_evaluate(tiny_config(dataset=data, model="small_cnn", model_kwargs={"channels": (4,), "dense": 8}),
                        str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_reports_a_bad_workdir_in_one_line(tmp_path, capsys):
+  from kdjax.cli import main
+  config = tmp_path / "config.py"
+  config.write_text(STUDENT_CONFIG)
+  path = tmp_path / "file"
+  path.write_text("")
+  run = str(tmp_path / "run")
+  assert main(["train", "--config", str(config), "--workdir", run, "--config.keep_checkpoints=0"]) == 2
+  assert "kdjax: error: keep_checkpoints must be an integer >= 1" in capsys.readouterr().err
+  assert main(["train", "--config", str(config), "--workdir", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("kdjax: error: --workdir") and "is a file, not a directory" in err and "Traceback" not in err

@@ -109,3 +109,12 @@ def test_an_explicit_num_classes_admits_classes_without_examples_and_checks_the_
     train_and_evaluate(c, str(tmp_path / "three"), progress=False)
   with pytest.raises(DataError, match=r"dataset 'digits' has 10 classes \(its metadata\), but num_classes=3"):
     kdata.load("digits", num_classes=3)
+
+
+def test_the_pipeline_names_bad_batch_and_augmentation_arguments():
+  flat = kdata.Dataset("flat", kdata.sources.ArraySplit(np.zeros((8, 64), np.float32), np.arange(8) % 2), None, 2)
+  transfer = kdata.make_transfer_set(flat)
+  with pytest.raises(ValueError, match=r"jitter=2 / hflip=False shift or flip images .* shape \(64,\)"):
+    kdata.TrainBatches(transfer, batch_size=4, seed=0, jitter=2)
+  with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1 \(eval_batch_size\); got 0"):
+    next(kdata.eval_batches(flat.train, batch_size=0))

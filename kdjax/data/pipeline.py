@@ -95,6 +95,12 @@ class TrainBatches:
     if batch_size <= 0 or batch_size > len(transfer_set):
       raise ValueError(f"batch_size must be in [1, {len(transfer_set)}] (the transfer set size); "
                        f"got {batch_size}")
+    shape = tuple(transfer_set.split.example_shape)
+    if (jitter or hflip) and len(shape) != 3:
+      raise ValueError(f"jitter={jitter} / hflip={hflip} shift or flip images of shape (height, width, channels); "
+                       f"the examples have shape {shape}")
+    if jitter < 0:
+      raise ValueError(f"jitter must be >= 0 pixels; got {jitter}")
     self.transfer_set = transfer_set
     self.batch_size, self.seed, self.jitter, self.hflip = batch_size, seed, jitter, hflip
     self.teacher_logits = teacher_logits
@@ -184,6 +190,8 @@ def eval_batches(split, *, batch_size: int, host_slice: slice | None = None
 
   Every batch has the same shape, so the evaluation step compiles once.
   """
+  if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
+    raise ValueError(f"eval_batches: batch_size must be an integer >= 1 (eval_batch_size); got {batch_size!r}")
   n = len(split)
   host_slice = host_slice or slice(None)
   for start in range(0, n, batch_size):

@@ -2,9 +2,14 @@
 
 import os
 
+# Compilation, not execution, dominates the suite: the tests' tiny programs do not need LLVM's expensive
+# optimisation passes (XLA's graph-level optimisations still run). Every exact comparison in the suite is
+# between programs compiled alike; comparisons with references use float tolerances.
+_FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    + ["--xla_force_host_platform_device_count=8"])
+    + ["--xla_force_host_platform_device_count=8"]
+    + [f for f in _FAST_COMPILE if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

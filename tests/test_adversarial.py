@@ -323,6 +323,7 @@ def test_protocol_rows_are_the_ablation_of_section_9e():
   assert all(set(r) == {"claim"} for r in paper.PAPER_RESULTS.values())
 
 
+@pytest.mark.slow
 def test_full_configs_smoke_on_tiny_cifar_like_data(tmp_path):
   """``small_full,full`` (WRN-16-1 student, crops/flips, SGD step schedule, live teacher) for 2 steps on 8×8 images.
 

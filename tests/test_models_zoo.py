@@ -238,6 +238,8 @@ ZOO = {
 }
 DISTILLED = ("resnet50", "mobilenet_v2")  # exercised by the distillation step below
 TRAINED = tuple(sorted(set(ZOO) - set(DISTILLED)))  # every other model
+# The models whose training step takes longest to compile run with `pytest -m slow` (CI runs both).
+SLOW_TO_COMPILE = ("densenet121", "inception_v1", "inception_v3", "ion", "mobilenet_v2_cifar", "se_resnet50")
 
 
 def test_every_zoo_model_is_covered():
@@ -300,7 +302,8 @@ def _with_stats(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_COMPILE else n
+                                  for n in TRAINED])
 def test_forward_and_training_step(name):
   """One evaluation-mode forward and one SGD step (train mode: BatchNorm batch statistics, dropout) of the
   model, compiled together as one program to keep the suite's compile time down."""
@@ -337,6 +340,7 @@ def test_forward_and_training_step(name):
     assert all(jax.tree.leaves(moved))
 
 
+@pytest.mark.slow
 def test_distillation_step_resnet50_to_mobilenetv2():
   """The library's KD step (kdjax.train.make_train_step, method soft_targets, T=4, alpha=0.9) with a
   ResNet-50 teacher (eval mode, frozen) and a MobileNetV2 student, 64x64 inputs, 10 classes, batch 2."""

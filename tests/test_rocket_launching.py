@@ -300,6 +300,7 @@ def test_paper_configs_build():
     assert (c.optimizer, c.learning_rate, c.momentum, c.weight_decay, c.num_epochs) == ("sgd", 0.1, 0.9, 5e-4, 200)
 
 
+@pytest.mark.slow
 def test_full_config_smoke(tmp_path):
   """``student_rocket,full`` (WRN-16-1 light, interval sharing, SGD, crops/flips) for 2 steps on tiny inputs.
 

@@ -161,6 +161,7 @@ CONFIG_FILE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
   config_path = tmp_path / "config.py"
   config_path.write_text(CONFIG_FILE)

@@ -103,38 +103,34 @@ RECONSTRUCTED_PNG = "reconstructed.png"
 # --- statistics ---------------------------------------------------------------------------------------
 
 
-def class_moment_sums(values: jax.Array, labels: jax.Array, weights: jax.Array, *, num_classes: int,
-                      shift: jax.Array, full: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-class count, sum and second-moment sum of shifted values, for one batch.
+def moment_sums(values: jax.Array, weights: jax.Array, *, shift: jax.Array, full: bool = True
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Count, sum and second-moment sum of shifted values of one batch (the metadata stage's batches each
+  hold the examples of one class, so a batch costs ``batch · d²``, not ``classes`` times that).
 
   Args:
     values: ``[batch, d]``.
-    labels: ``[batch]`` integer classes in ``[0, num_classes)``.
-    weights: ``[batch]``, 1 for an example that counts, 0 for padding or an unlabelled example.
-    num_classes: ``C``.
+    weights: ``[batch]``, 1 for an example that counts, 0 for padding.
     shift: ``[d]``, subtracted before summing (a rough mean, so the float32 sums of squares do not
       cancel when :func:`finish_moments` subtracts the squared mean).
-    full: the second moment as a ``[C, d, d]`` matrix; ``False``: its diagonal ``[C, d]`` only.
+    full: the second moment as a ``[d, d]`` matrix; ``False``: its diagonal ``[d]`` only.
 
   Returns:
-    ``(count [C], Σ w (v − shift) [C, d], Σ w (v − shift)(v − shift)ᵀ [C, d, d] or its diagonal [C, d])``.
-    The one-hot contraction costs ``C`` times a per-class product; a pass over a training set is cheap
-    next to training.
+    ``(Σ w, Σ w (v − shift) [d], Σ w (v − shift)(v − shift)ᵀ [d, d] or its diagonal [d])``.
   """
-  one_hot = jax.nn.one_hot(labels, num_classes, dtype=values.dtype) * weights[:, None].astype(values.dtype)
+  weights = weights.astype(values.dtype)
   centred = values - shift
-  count = jnp.sum(one_hot, axis=0)
-  first = one_hot.T @ centred
-  if full:
-    second = jnp.einsum("bc,bi,bj->cij", one_hot, centred, centred)
-  else:
-    second = one_hot.T @ (centred * centred)
-  return count, first, second
+  weighted = centred * weights[:, None]
+  second = weighted.T @ centred if full else jnp.sum(weighted * centred, axis=0)
+  return jnp.sum(weights), jnp.sum(weighted, axis=0), second
 
 
 def finish_moments(count: np.ndarray, first: np.ndarray, second: np.ndarray, shift: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Means and population covariances (or variances) from :func:`class_moment_sums` totals, in float64.
+  """Means and population covariances (or variances) from :func:`moment_sums` totals, in float64.
+
+  Args:
+    count: ``[C]``; first: ``[C, d]``; second: ``[C, d, d]`` or ``[C, d]``; shift: ``[C, d]`` (or ``[d]``).
 
   Returns:
     ``(mean [C, d], cov [C, d, d])`` for full second moments, ``(mean [C, d], var [C, d])`` for diagonal
@@ -202,14 +198,17 @@ def spectral_graphs(layer_units: Sequence[int], kind: str) -> list[tuple[int, in
 
 
 def sampling_factors(spread: np.ndarray, *, target_sampling: str = "gaussian") -> np.ndarray:
-  """The matrices ``S`` of ``target = mean + ε Sᵀ`` (``ε ~ N(0, I)``) for every class, ``[C, d, d]``.
+  """The factors ``S`` of ``target = mean + ε Sᵀ`` (``ε ~ N(0, I)``) for every class.
 
   Args:
     spread: ``[C, d, d]`` covariances, or ``[C, d]`` per-unit variances.
     target_sampling: ``"gaussian"``: ``S`` is a square root of the covariance (``S Sᵀ = cov``, from its
       eigendecomposition with negative rounding errors clipped), so the targets follow the recorded
       Gaussian. ``"code"``: ``S = covᵀ``, the released code's ``means + gauss @ cov`` (covariance ``cov²``).
-      Variances give ``diag(√var)`` either way (the code samples those with the standard deviation).
+
+  Returns:
+    ``[C, d, d]`` matrices for covariances; for variances the standard deviations ``[C, d]`` (a diagonal
+    ``S``, kept as a vector; the code samples such layers with the standard deviation whatever the mode).
   """
   if target_sampling not in TARGET_SAMPLING:
     raise unknown_name("target_sampling", target_sampling, TARGET_SAMPLING)
@@ -221,13 +220,14 @@ def sampling_factors(spread: np.ndarray, *, target_sampling: str = "gaussian") -
     return vectors * np.sqrt(np.maximum(values, 0.0))[:, None, :]
   if spread.ndim != 2:
     raise ValueError(f"spread must be [classes, d, d] covariances or [classes, d] variances; got {spread.shape}")
-  return np.sqrt(np.maximum(spread, 0.0))[:, :, None] * np.eye(spread.shape[-1])[None]
+  return np.sqrt(np.maximum(spread, 0.0))
 
 
 def sample_targets(key: jax.Array, mean: jax.Array, factor: jax.Array, num: int) -> jax.Array:
-  """``num`` draws ``mean + ε factorᵀ``: ``[d], [d, d] -> [num, d]``."""
+  """``num`` draws ``mean + ε factorᵀ`` (``[d], [d, d] -> [num, d]``), or ``mean + ε · factor`` for a
+  diagonal factor given as its vector ``[d]``."""
   eps = jax.random.normal(key, (num, mean.shape[-1]), jnp.float32)
-  return mean + eps @ factor.T
+  return mean + (eps * factor if factor.ndim == 1 else eps @ factor.T)
 
 
 # --- objectives (per example) -------------------------------------------------------------------------
@@ -376,12 +376,12 @@ def _layer_shapes(teacher, variables, example, names: Sequence[str]) -> dict[str
 
 
 class MetadataState(flax.struct.PyTreeNode):
-  """Running per-class sums of the metadata stage (see :func:`class_moment_sums`).
+  """Running per-class sums of the metadata stage (see :func:`moment_sums`).
 
   Attributes:
-    step: int32 scalar, batches done.
+    step: int32 scalar, batches done; batch ``s`` holds examples of class ``s // steps_per_class`` only.
     count: ``[C]`` examples seen per class.
-    shift: per recorded layer ``[d_l]`` (and ``"signal"``: ``[D]``), the first batch's mean.
+    shift: per recorded layer ``[C, d_l]`` (and ``"signal"``: ``[C, D]``): each class's first batch's mean.
     first: per layer ``[C, d_l]`` sums of shifted pre-ReLU activations; ``"signal"``: ``[C, D]``.
     second: per layer ``[C, d_l, d_l]`` (or ``[C, d_l]`` for a per-unit layer); ``"signal"``: ``[C, D, D]``.
   """
@@ -401,25 +401,66 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def metadata_batch_size(num_examples: int, num_steps: int, multiple: int) -> int:
-  """Examples per step of the metadata pass: ``num_steps`` equal batches covering ``num_examples``, rounded
-  up to a multiple of ``multiple`` (the devices); the last batch is padded with weight-0 examples."""
-  if num_steps < 1:
-    raise ValueError(f"the data_free_metadata stage needs num_steps >= 1 (one pass over the training split cut "
-                     f"into num_steps batches); got {num_steps}: set num_epochs=1 or num_steps")
-  if num_steps > num_examples:
-    raise ValueError(f"num_steps={num_steps} is more than the {num_examples} training examples of the one "
-                     "metadata pass; use fewer steps (e.g. num_epochs=1)")
-  return _round_up(-(-num_examples // num_steps), multiple)
+@dataclasses.dataclass(frozen=True)
+class MetadataPlan:
+  """Which transfer-set positions each step of the metadata pass reads.
+
+  Attributes:
+    members: per class, the transfer-set positions of its labelled examples (ascending).
+    steps_per_class: batches per class; step ``s`` reads class ``s // steps_per_class``.
+    batch_size: examples per batch (padded with weight-0 examples), a multiple of the devices.
+  """
+  members: tuple[np.ndarray, ...]
+  steps_per_class: int
+  batch_size: int
+
+  def positions(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions [batch_size], valid [batch_size])`` of ``step``'s batch."""
+    cls, chunk = divmod(step, self.steps_per_class)
+    members = self.members[cls]
+    chosen = members[chunk * self.batch_size:(chunk + 1) * self.batch_size]
+    valid = np.arange(self.batch_size) < len(chosen)
+    return np.resize(chosen, self.batch_size) if len(chosen) else np.full(self.batch_size, members[0]), valid
+
+
+def metadata_plan(labels: np.ndarray, label_mask: np.ndarray, *, num_classes: int, num_steps: int, multiple: int
+                  ) -> MetadataPlan:
+  """The metadata pass: every labelled example once, ``num_steps / num_classes`` batches per class.
+
+  Args:
+    labels: ``[n]`` the transfer set's labels; label_mask: ``[n]`` (only labelled examples count).
+    num_classes: ``C``; num_steps: the stage length, a multiple of ``C``.
+    multiple: the batch size is rounded up to a multiple of this (the devices).
+
+  Raises:
+    ValueError: ``num_steps`` not a positive multiple of the classes, or a class with fewer than 2
+      labelled examples (a covariance needs 2), naming the classes and what to set.
+  """
+  labels = np.asarray(labels)
+  labelled = np.asarray(label_mask) > 0
+  counts = np.bincount(labels[labelled], minlength=num_classes)
+  empty = np.flatnonzero(counts < 2).tolist()
+  if empty:
+    raise ValueError(f"class(es) {empty} have fewer than 2 labelled training examples ({counts[empty].tolist()}); "
+                     "per-class metadata (a mean and a covariance per class) needs at least 2 examples of every class")
+  if num_steps < num_classes or num_steps % num_classes:
+    raise ValueError(f"the data_free_metadata stage reads one class per batch, so num_steps must be a multiple of "
+                     f"the {num_classes} classes (batches per class x classes); got num_steps={num_steps}: set "
+                     f"--config.num_steps={num_classes} (one batch per class) or a multiple of it")
+  steps_per_class = num_steps // num_classes
+  members = tuple(np.flatnonzero(labelled & (labels == c)) for c in range(num_classes))
+  batch_size = _round_up(max(-(-len(m) // steps_per_class) for m in members), multiple)
+  return MetadataPlan(members, steps_per_class, batch_size)
 
 
 def make_metadata_program(*, temperature: float, layers: Sequence[str], covariance_max_units: int,
                           spectral_fraction: float):
   """The metadata stage as a :class:`kdjax.train.StageProgram` (needs a teacher; exports no model).
 
-  One pass over the training split (the transfer set's labelled examples) in ``num_steps`` batches; the
-  state sums, per class, the teacher's pre-ReLU activations of ``layers`` (default: every ``pre_relu_<i>``
-  feature), its logits ``/ temperature`` and the spectral signal (:func:`activation_signal`). ``evaluate``
+  One pass over the training split (the transfer set's labelled examples) in ``num_steps`` batches, each
+  of one class (``num_steps`` = classes × batches per class, :func:`metadata_plan`); the state sums, per
+  class, the teacher's pre-ReLU activations of ``layers`` (default: every ``pre_relu_<i>`` feature), its
+  logits ``/ temperature`` and the spectral signal (:func:`activation_signal`). ``evaluate``
   turns the sums into the metadata of every kind and writes ``metadata.npz`` and ``metadata.json``
   (:func:`write_metadata`) in the work directory.
   """
@@ -443,72 +484,70 @@ def make_metadata_program(*, temperature: float, layers: Sequence[str], covarian
     spectral = [name for name in (*names, TOP) if units[name] <= covariance_max_units]
     return teacher, names, shapes, units, spectral
 
-  def check_classes(setup):
-    labels = np.asarray(setup.transfer_set.split.get(setup.transfer_set.indices)[1])
-    labelled = labels[np.asarray(setup.transfer_set.label_mask) > 0]
-    counts = np.bincount(labelled, minlength=setup.dataset.num_classes)
-    empty = np.flatnonzero(counts < 2).tolist()
-    if empty:
-      raise ValueError(f"class(es) {empty} have fewer than 2 labelled training examples in dataset "
-                       f"{setup.config.dataset!r} ({counts[empty].tolist()}); per-class metadata (a mean and a "
-                       "covariance per class) needs at least 2 examples of every class")
+  plans: dict[int, MetadataPlan] = {}  # by id(setup): a Setup is not hashable
+
+  def planned(setup) -> MetadataPlan:
+    if id(setup) not in plans:
+      transfer = setup.transfer_set
+      split_labels = getattr(transfer.split, "labels", None)
+      labels = (np.asarray(split_labels)[transfer.indices] if split_labels is not None
+                else np.asarray(transfer.split.get(transfer.indices)[1]))
+      plans[id(setup)] = metadata_plan(labels, transfer.label_mask, num_classes=setup.dataset.num_classes,
+                                       num_steps=setup.num_steps, multiple=setup.mesh.size * jax.process_count())
+    return plans[id(setup)]
 
   def init_state(setup) -> MetadataState:
-    check_classes(setup)
+    planned(setup)  # a class without examples or a bad num_steps fails before anything runs
     _, names, _, units, spectral = plan(setup)
     num_classes = setup.dataset.num_classes
     shift, first, second = {}, {}, {}
-    for name in (*names, TOP):
-      d = units[name]
-      shift[name] = jnp.zeros((d,), jnp.float32)
+    sizes = {name: units[name] for name in (*names, TOP)}
+    sizes["signal"] = sum(units[name] for name in spectral)
+    for name, d in sizes.items():
+      shift[name] = jnp.zeros((num_classes, d), jnp.float32)
       first[name] = jnp.zeros((num_classes, d), jnp.float32)
-      full = d <= covariance_max_units
+      full = name == "signal" or d <= covariance_max_units
       second[name] = jnp.zeros((num_classes, d, d) if full else (num_classes, d), jnp.float32)
-    signal_nodes = sum(units[name] for name in spectral)
-    shift["signal"] = jnp.zeros((signal_nodes,), jnp.float32)
-    first["signal"] = jnp.zeros((num_classes, signal_nodes), jnp.float32)
-    second["signal"] = jnp.zeros((num_classes, signal_nodes, signal_nodes), jnp.float32)
     return MetadataState(step=jnp.zeros((), jnp.int32), count=jnp.zeros((num_classes,), jnp.float32),
                          shift=shift, first=first, second=second)
 
   def make_step(setup) -> Callable:
     teacher, names, _, _, spectral = plan(setup)
-    num_classes = setup.dataset.num_classes
+    steps_per_class = planned(setup).steps_per_class
 
     def step(state: MetadataState, batch, teacher_variables=()):
+      cls = state.step // steps_per_class
+      class_start = state.step % steps_per_class == 0
       out = models.apply_model(teacher, teacher_variables[0], batch["image"], train=False, features=names)
       acts = {name: out.features[name].reshape(out.logits.shape[0], -1) for name in names}
       acts[TOP] = out.logits / temperature
       acts["signal"] = activation_signal([acts[name] for name in spectral])
-      weights = batch["weight"] * batch["label_mask"]
-      batch_mean = {k: jnp.sum(v * weights[:, None], 0) / jnp.maximum(jnp.sum(weights), 1.0) for k, v in acts.items()}
-      shift = jax.tree.map(lambda old, new: jnp.where(state.step == 0, new, old), state.shift, batch_mean)
-      count, first, second = state.count, dict(state.first), dict(state.second)
+      weights = batch["weight"]
+      total = jnp.maximum(jnp.sum(weights), 1.0)
+      shift, first, second = dict(state.shift), dict(state.first), dict(state.second)
       for name, values in acts.items():
-        n, s1, s2 = class_moment_sums(values, batch["label"], weights, num_classes=num_classes, shift=shift[name],
-                                      full=state.second[name].ndim == 3)
-        first[name] = first[name] + s1
-        second[name] = second[name] + s2
-      count = count + n
-      new_state = state.replace(step=state.step + 1, count=count, shift=shift, first=first, second=second)
-      finite = ktrain.all_finite(first, second)
-      new_state, nonfinite = ktrain.skip_if_nonfinite(finite, new_state, state.replace(step=state.step + 1))
-      return new_state, {"examples": (jnp.sum(weights), jnp.float32(1.0)), "nonfinite": nonfinite}
+        batch_mean = jnp.sum(values * weights[:, None], axis=0) / total
+        class_shift = jnp.where(class_start, batch_mean, state.shift[name][cls])
+        n, s1, s2 = moment_sums(values, weights, shift=class_shift, full=state.second[name].ndim == 3)
+        shift[name] = shift[name].at[cls].set(class_shift)
+        first[name] = first[name].at[cls].add(s1)
+        second[name] = second[name].at[cls].add(s2)
+      new_state = state.replace(step=state.step + 1, count=state.count.at[cls].add(n), shift=shift, first=first,
+                                second=second)
+      new_state, nonfinite = ktrain.skip_if_nonfinite(ktrain.all_finite(first, second), new_state,
+                                                      state.replace(step=state.step + 1))
+      return new_state, {"examples": (n, jnp.float32(1.0)), "nonfinite": nonfinite}
     return step
 
   def batches(setup) -> Callable[[int], Iterator[dict]]:
-    transfer = setup.transfer_set
-    multiple = setup.mesh.size * jax.process_count()
-    per_step = metadata_batch_size(len(transfer), setup.num_steps, multiple)
+    transfer, metadata_steps = setup.transfer_set, planned(setup)
+    host = parallel.process_slice(metadata_steps.batch_size)
 
     def host_batch(step: int) -> dict[str, np.ndarray]:
-      positions = np.arange(step * per_step, (step + 1) * per_step)
-      valid = positions < len(transfer)
-      positions = np.minimum(positions, len(transfer) - 1)[parallel.process_slice(per_step)]
-      images, labels = transfer.split.get(transfer.indices[positions])
+      positions, valid = metadata_steps.positions(step)
+      images, labels = transfer.split.get(transfer.indices[positions[host]])
       return {"image": np.asarray(images, np.float32), "label": np.asarray(labels, np.int32),
-              "label_mask": np.asarray(transfer.label_mask[positions], np.float32),
-              "weight": valid[parallel.process_slice(per_step)].astype(np.float32)}
+              "weight": valid[host].astype(np.float32)}
 
     def source(start_step: int) -> Iterator[dict]:
       return kdata.prefetch((host_batch(s) for s in range(start_step, setup.num_steps)),
@@ -922,28 +961,30 @@ def write_reconstruction(workdir: str, x: np.ndarray, y: np.ndarray, *, teacher_
 def save_image_grid(path: str, x: np.ndarray, y: np.ndarray, *, examples_per_class: int, columns: int = 10,
                     title: str = "") -> None:
   """A PNG grid: one row per class of ``y``, its first ``columns`` images of ``x`` (NHWC, 1 or 3 channels;
-  flat inputs of a square size are shown as squares)."""
+  flat inputs of a square size are shown as squares), grey levels clipped to [0, 1], drawn as one mosaic."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   classes = np.unique(y)
   columns = min(columns, examples_per_class)
-  fig, axes = plt.subplots(len(classes), columns, figsize=(0.9 * columns + 0.6, 0.9 * len(classes) + 0.5),
-                           squeeze=False)
-  for row, c in enumerate(classes):
-    members = x[y == c][:columns]
-    for col in range(columns):
-      ax = axes[row, col]
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if col < len(members):
-        ax.imshow(_as_image(members[col]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-      if col == 0:
-        ax.set_ylabel(str(int(c)), rotation=0, labelpad=10, va="center")
+  tiles = [[_as_image(image) for image in x[y == c][:columns]] for c in classes]
+  h, w = tiles[0][0].shape[:2]
+  channels = tiles[0][0].shape[2:]
+  gap = max(1, h // 14)
+  mosaic = np.ones((len(classes) * (h + gap) + gap, columns * (w + gap) + gap, *channels), np.float32)
+  for row, images in enumerate(tiles):
+    for col, image in enumerate(images):
+      top, left = gap + row * (h + gap), gap + col * (w + gap)
+      mosaic[top:top + h, left:left + w] = image
+  fig, ax = plt.subplots(figsize=(0.6 * columns + 1.0, 0.6 * len(classes) + 0.8))  # ~60 px a tile at 100 dpi
+  ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([gap + row * (h + gap) + h / 2 for row in range(len(classes))], [str(int(c)) for c in classes])
+  ax.set_ylabel("class")
   if title:
-    fig.suptitle(title, fontsize=8)
+    ax.set_title(title, fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 

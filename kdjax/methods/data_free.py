@@ -7,8 +7,10 @@ the original data. kdjax runs the paper's pipeline as three resumable stages, ea
 into its own work directory (PAPERS.md §6):
 
 1. ``data_free_metadata`` (:func:`make_metadata_program`): one pass over the training split with the
-   frozen teacher; per class it records the statistics of every kind below and writes
-   ``metadata.npz`` + ``metadata.json`` (what each array means, the teacher it came from, bytes per kind);
+   frozen teacher, one class per batch (:func:`metadata_plan`); per class it records the statistics of
+   every kind below (float32 sums of activations centred by the class's first batch, finished in float64)
+   and writes ``metadata.npz`` + ``metadata.json`` (what each array means, the teacher it came from —
+   model, kwargs, layer shapes, a weights fingerprint, checked by stage 2 — and the bytes of each kind);
 2. ``data_free_reconstruct`` (:func:`make_reconstruct_program`): reads only the metadata and the teacher;
    per class it samples activation targets from the class's statistics and optimises a batch of inputs
    with Adam against the frozen teacher (all examples of a class in one jitted, vmapped program; fit step
@@ -36,7 +38,8 @@ does not chase negative pre-activations the network cannot produce, PAPERS.md §
 
   - the graph signal of an example is its activations as the objectives see them,
     ``f = concat_l relu(a_l) / √d_l`` over the recorded layers (hidden pre-ReLU and ``z/T``; the
-    ``1/√d_l`` makes each layer count by its mean square, like the all-layers weights);
+    ``1/√d_l`` makes each layer count by its mean square, like the all-layers weights) that have at most
+    ``covariance_max_units`` units (LeNet's 4,704-unit first convolution stays out of the graph);
   - per class the graph is the co-activation matrix ``M_c = E[f fᵀ | c]`` over the neurons of all layers
     (``all_layers_spectral``) or of each adjacent layer pair (``layer_pairs_spectral``, one graph per
     pair: smaller eigenproblems, as in the paper's motivation). ``f ≥ 0``, so ``M_c`` is a non-negative,
@@ -298,6 +301,9 @@ def read_metadata(path: str) -> Metadata:
     raise ValueError("metadata must be the path of a metadata.npz written by a data_free_metadata stage "
                      f"(e.g. '@metadata/metadata.npz' in a protocol); got {path!r}")
   json_path = os.path.join(os.path.dirname(path), METADATA_JSON)
+  if path.startswith("@"):
+    raise FileNotFoundError(f"metadata {path!r} names a protocol variant's file, which only `kdjax reproduce` "
+                            "resolves; with `kdjax train` give the file: --config.loss.metadata=DIR/metadata.npz")
   if not os.path.exists(path) or not os.path.exists(json_path):
     raise FileNotFoundError(f"metadata {path!r} (and {METADATA_JSON} beside it) not found: run the "
                             "data_free_metadata stage of this teacher first, or fix loss.metadata")

@@ -118,3 +118,14 @@ def test_the_pipeline_names_bad_batch_and_augmentation_arguments():
     kdata.TrainBatches(transfer, batch_size=4, seed=0, jitter=2)
   with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1 \(eval_batch_size\); got 0"):
     next(kdata.eval_batches(flat.train, batch_size=0))
+
+
+def test_tfds_records_with_labels_outside_the_metadata_classes_are_named():
+  records = [{"image": np.full((2, 2, 1), 255, np.uint8), "label": label} for label in (0, 1, 3)]
+  split = kdata.sources.TfdsSplit(records, num_classes=3, name="TFDS 'toy' split 'train'")
+  images, labels = split.get(np.array([0, 1]))
+  np.testing.assert_array_equal(images, np.ones((2, 2, 2, 1), np.float32))  # uint8 / 255
+  with pytest.raises(DataError, match=r"TFDS 'toy' split 'train': record 2 has label 3, not a class id in \[0, 3\)"):
+    split.get(np.array([1, 2]))
+  with pytest.raises(DataError, match="TFDS 'toy' split 'test' is empty"):
+    kdata.sources.TfdsSplit([], num_classes=3, name="TFDS 'toy' split 'test'")

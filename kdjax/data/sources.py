@@ -55,9 +55,13 @@ class ArraySplit:
 class TfdsSplit:
   """A split read on demand from a prepared TFDS dataset (``tfds.data_source``)."""
 
-  def __init__(self, source, image_key: str = "image", label_key: str = "label"):
+  def __init__(self, source, image_key: str = "image", label_key: str = "label", *, num_classes: int | None = None,
+               name: str = "TFDS split"):
     self.source = source
     self.image_key, self.label_key = image_key, label_key
+    self.num_classes, self.name = num_classes, name
+    if len(source) == 0:
+      raise DataError(f"{name} is empty")
     first = source[0]
     self._shape = tuple(np.asarray(first[image_key]).shape)
     self._scale = 255.0 if np.asarray(first[image_key]).dtype == np.uint8 else 1.0
@@ -72,8 +76,15 @@ class TfdsSplit:
   def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     records = [self.source[int(i)] for i in indices]
     images = np.stack([np.asarray(r[self.image_key]) for r in records]).astype(np.float32) / self._scale
-    labels = np.asarray([r[self.label_key] for r in records], np.int32)
-    return images, labels
+    raw = np.asarray([r[self.label_key] for r in records])
+    if raw.dtype.kind not in "iu":
+      raise DataError(f"{self.name}: labels must be integer class ids; got dtype {raw.dtype}")
+    if self.num_classes is not None:
+      bad = np.flatnonzero((raw < 0) | (raw >= self.num_classes))
+      if bad.size:
+        raise DataError(f"{self.name}: record {int(np.asarray(indices)[bad[0]])} has label {int(raw[bad[0]])}, not a "
+                        f"class id in [0, {self.num_classes}) (the dataset's metadata)")
+    return images, raw.astype(np.int32)
 
   @property
   def labels(self) -> np.ndarray:
@@ -445,8 +456,7 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
   splits = {}
   for split in ("train", "test"):
     try:
-      splits[split] = TfdsSplit(tfds.data_source(name, split=split, data_dir=data_dir, try_gcs=False,
-                                                 download=False))
+      source = tfds.data_source(name, split=split, data_dir=data_dir, try_gcs=False, download=False)
     except Exception as e:
       raise DatasetUnavailableError(
           f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
@@ -454,6 +464,8 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
           f"`pip install tensorflow && tfds build {name} --file_format=array_record` (then copy the "
           f"{name}/ folder into your data_dir), or use a built-in offline set: {', '.join(BUILTIN)}. "
           f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
+    splits[split] = TfdsSplit(source, num_classes=builder.info.features["label"].num_classes,
+                              name=f"TFDS {name!r} split {split!r}")
   num_classes = builder.info.features["label"].num_classes
   return Dataset(name, splits["train"], splits["test"], num_classes)
 

@@ -116,3 +116,12 @@ def test_every_loss_accepts_an_empty_batch():
   for name, value in results.items():
     assert jnp.shape(value)[:1] == (0,) or jnp.shape(value) == (), name
   assert at.attention_map(f).shape == (0, 16)
+
+
+def test_squared_error_losses_of_float16_inputs_do_not_overflow():
+  a = jnp.full((2, 2, 2, 3), 300.0, jnp.float16)
+  b = jnp.zeros((2, 2, 2, 3), jnp.float16)
+  np.testing.assert_allclose(fitnets.hint_loss(a, b), [90000.0, 90000.0])  # 300² overflows float16 (max 65504)
+  np.testing.assert_allclose(mimic.logit_regression_loss(a[:, 0, 0], b[:, 0, 0]), [135000.0, 135000.0])
+  np.testing.assert_allclose(fsp.fsp_matrix(a, a)[0, 0, 0], 90000.0)
+  np.testing.assert_allclose(fsp.fsp_distance(fsp.fsp_matrix(a, a), fsp.fsp_matrix(b, b)), [8.1e9, 8.1e9], rtol=1e-6)

@@ -73,7 +73,10 @@ def hint_loss(
     raise ValueError(
         f"{err}; map the guided layer onto the hint's shape with a regressor "
         "(kdjax.methods.fitnets.make_regressor)") from None
-  sq = jnp.square(student_feat - teacher_feat)
+  # float32 or wider: float16 squares overflow past 256. In float32 they overflow past ~1.8e19 (features
+  # differing by more than ~4e9), where the loss is inf and the step's non-finite guard stops training.
+  dtype = jnp.promote_types(jnp.result_type(student_feat, teacher_feat), jnp.float32)
+  sq = jnp.square(student_feat.astype(dtype) - teacher_feat.astype(dtype))
   axes = tuple(range(1, sq.ndim))
   if reduction == "mean":
     return jnp.mean(sq, axis=axes)

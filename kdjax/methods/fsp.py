@@ -51,8 +51,9 @@ def fsp_matrix(bottom: jax.Array, top: jax.Array, *, pool: str = "avg") -> jax.A
         f"{bottom.shape} and top {top.shape}")
   size = (min(bottom.shape[1], top.shape[1]), min(bottom.shape[2], top.shape[2]))
   what = f"fsp_matrix(bottom {bottom.shape}, top {top.shape})"
-  bottom = pool_to(bottom, size, kind=pool, what=what)
-  top = pool_to(top, size, kind=pool, what=what)
+  dtype = jnp.promote_types(jnp.result_type(bottom, top), jnp.float32)  # float16 products overflow past 65504
+  bottom = pool_to(bottom.astype(dtype), size, kind=pool, what=what)
+  top = pool_to(top.astype(dtype), size, kind=pool, what=what)
   # HIGHEST: GPUs/TPUs otherwise run float32 contractions in TF32/bfloat16, far from the references.
   gram = jnp.einsum("nhwa,nhwb->nab", top, bottom, precision=jax.lax.Precision.HIGHEST)
   return gram / (size[0] * size[1])
@@ -71,7 +72,9 @@ def fsp_distance(student_fsp: jax.Array, teacher_fsp: jax.Array, *, mode: str = 
     raise ValueError(
         f"fsp_distance: student and teacher FSP matrices must have the same shape; got student "
         f"{student_fsp.shape} and teacher {teacher_fsp.shape}")
-  sq = jnp.square(student_fsp - teacher_fsp)
+  # float32 or wider (float16 squares overflow past 256); in float32 entries differing by more than ~4e9 give inf.
+  dtype = jnp.promote_types(jnp.result_type(student_fsp, teacher_fsp), jnp.float32)
+  sq = jnp.square(student_fsp.astype(dtype) - teacher_fsp.astype(dtype))
   return jnp.mean(sq, axis=(1, 2)) if mode == "code" else jnp.sum(sq, axis=(1, 2))
 
 

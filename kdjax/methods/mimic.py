@@ -37,7 +37,10 @@ def logit_regression_loss(student_logits: jax.Array, teacher_logits: jax.Array) 
     ``[...]``, one value per example.
   """
   check_same_shape("logit_regression_loss logits", student_logits, teacher_logits)
-  return 0.5 * jnp.sum(jnp.square(student_logits - teacher_logits), axis=-1)
+  # float32 or wider (float16 squares overflow past 256); in float32 logits differing by more than ~4e9 give inf,
+  # which the training step's non-finite guard stops.
+  dtype = jnp.promote_types(jnp.result_type(student_logits, teacher_logits), jnp.float32)
+  return 0.5 * jnp.sum(jnp.square(student_logits.astype(dtype) - teacher_logits.astype(dtype)), axis=-1)
 
 
 def ensemble_logits(member_logits: jax.Array) -> jax.Array:

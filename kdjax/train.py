@@ -642,6 +642,10 @@ def check_stage_data(config: ml_collections.ConfigDict, dataset: kdata.Dataset, 
                      + (f", labelled_examples={config.labelled_examples}, include_unlabelled=False"
                         if len(transfer_set) < len(dataset.train) else "")
                      + f"); use --config.batch_size={len(transfer_set)} or less")
+  if config.labelled_examples >= len(dataset.train):
+    log.warning("labelled_examples=%d is not below the %d training examples of %r: every example keeps its label "
+                "(the protocol's labelled/unlabelled split does not exist on this dataset)", config.labelled_examples,
+                len(dataset.train), config.dataset)
   shape = tuple(dataset.example_shape)
   if (config.jitter or config.hflip) and len(shape) != 3:
     raise ValueError(f"jitter={config.jitter} / hflip={config.hflip} shift or flip images of shape (height, width, "

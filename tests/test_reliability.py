@@ -357,3 +357,15 @@ def test_the_cli_reports_a_bad_workdir_in_one_line(tmp_path, capsys):
   assert main(["train", "--config", str(config), "--workdir", str(path)]) == 2
   err = capsys.readouterr().err
   assert err.startswith("kdjax: error: --workdir") and "is a file, not a directory" in err and "Traceback" not in err
+
+
+def test_more_labelled_examples_than_the_data_has_is_said(tmp_path, caplog):
+  import logging
+
+  from kdjax import data as kdata
+  config = tiny_config(dataset=save_npz(tmp_path / "small.npz", n=40), labelled_examples=1000, batch_size=8)
+  dataset = kdata.load(config.dataset)
+  transfer = kdata.make_transfer_set(dataset, labelled_examples=1000)
+  caplog.set_level(logging.WARNING, logger="kdjax.train")
+  train.check_stage_data(config, dataset, transfer, train.as_program(train.make_method("supervised", {})))
+  assert "labelled_examples=1000 is not below the 40 training examples" in caplog.text

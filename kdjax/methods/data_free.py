@@ -834,7 +834,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
   ...]``, ``y_train`` = the class each input was reconstructed for) and ``reconstructed.png`` (a grid, one
   row per class).
   """
-  from kdjax import models
+  from kdjax import models, parallel
   from kdjax import train as ktrain
 
   if kind not in KINDS:
@@ -897,16 +897,24 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
       return lambda state, batch, teacher_variables=(): (state.replace(step=state.step + 1),
                                                          {"nonfinite": (jnp.float32(0.0), jnp.float32(1.0))})
     values_and_grads = class_values_and_grads(per_example_objective(teacher, meta, kind))
+    sharding = parallel.batch_sharding(setup.mesh)
+
+    def spread(tree):
+      """Data parallelism: a class's examples (and their targets and Adam moments) split over the devices
+      when they divide evenly; the examples never interact, so this is the 1-device computation."""
+      if examples_per_class % setup.mesh.size:
+        return tree
+      return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding)
+                          if a.ndim and a.shape[0] == examples_per_class else a, tree)
 
     def step(state: ReconstructState, batch, teacher_variables=()):
       del batch  # the step's work is a pure function of the step index
       variables = teacher_variables[0]
       cls = state.step // steps_per_class
       fresh = (state.step % steps_per_class) == 0
-      x = state.inputs[cls]
-      targets = {k: v[cls] for k, v in state.targets.items()}
+      x, targets = spread((state.inputs[cls], {k: v[cls] for k, v in state.targets.items()}))
       bases = {k: v[cls] for k, v in state.bases.items()}
-      opt_state = jax.tree.map(lambda new, old: jnp.where(fresh, new, old), tx.init(x), state.opt_state)
+      opt_state = spread(jax.tree.map(lambda new, old: jnp.where(fresh, new, old), tx.init(x), state.opt_state))
 
       new_x, new_opt, value = optimise_class(values_and_grads, tx, x, opt_state, targets, bases, variables,
                                              iterations=iterations_per_step)
@@ -934,11 +942,12 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
       start = initial_inputs(setup.config.seed, num_classes, examples_per_class, inputs.shape[2:],
                              init_mean=init_mean, init_std=init_std)
       final, initial = [], []
+      host_targets, host_bases = jax.device_get((state.targets, state.bases))  # evaluated on the default device
       for c in range(num_classes):
-        targets = {k: v[c] for k, v in state.targets.items()}
-        bases = {k: v[c] for k, v in state.bases.items()}
-        final.append(np.asarray(per_class(jnp.asarray(inputs[c]), targets, bases, variables)[0]))
-        initial.append(np.asarray(per_class(start[c], targets, bases, variables)[0]))
+        targets = {k: v[c] for k, v in host_targets.items()}
+        bases = {k: v[c] for k, v in host_bases.items()}
+        final.append(np.asarray(per_class(inputs[c], targets, bases, variables)[0]))
+        initial.append(np.asarray(per_class(np.asarray(start[c]), targets, bases, variables)[0]))
       result["objective_initial"] = float(np.mean(initial))
       result["objective_final"] = float(np.mean(final))
     write_reconstruction(setup.workdir, x, y, teacher_logits=logits, kind=kind, metadata=metadata,

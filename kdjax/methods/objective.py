@@ -103,6 +103,12 @@ METHODS: dict[str, MethodEntry] = {
     "darkrank": MethodEntry(
         "kdjax.methods.darkrank", "make_stage_program", "default_loss_config",
         "Chen et al. 2018: metric learning on P x K batches + soft/hard transfer of the teacher's rankings"),
+    "neuron_selection_select": MethodEntry(
+        "kdjax.methods.neuron_selection", "make_select_program", "default_select_config",
+        "Luo et al. 2016 stage 1: select teacher neurons by attribute AUC + decorrelation (exports no model)"),
+    "neuron_selection": MethodEntry(
+        "kdjax.methods.neuron_selection", "make_student_program", "default_student_config",
+        "Luo et al. 2016 stage 2: regress the selected post-ReLU teacher neurons (or all/random; + soft labels)"),
 }
 
 

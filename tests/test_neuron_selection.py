@@ -298,3 +298,21 @@ def test_student_stage_errors_name_the_argument(teacher_dir, tmp_path):
   with pytest.raises(ValueError, match="kd_weight must be > 0"):
     ktrain.setup_stage(_config("neuron_selection", teacher_workdir=teacher_dir, loss_selection_mode="none"),
                        str(tmp_path / "d"))
+
+
+def test_paper_configs_build_and_keep_equal_student_size():
+  from kdjax import config as kconfig
+  from kdjax import reproduce
+  paper = reproduce.load_paper("neuron_selection")
+  assert set(paper.PROTOCOL) == set(paper.VARIANTS) and set(paper.PAPER_RESULTS) <= set(paper.VARIANTS)
+  for full in (False, True):
+    for variant in paper.VARIANTS:
+      c = paper.get_config(variant + (",full" if full else ""))
+      kconfig.check_keys(c)
+      defaults = (ns.default_select_config() if c.method == "neuron_selection_select" else
+                  ns.default_student_config() if c.method == "neuron_selection" else {})
+      assert set(c.loss) <= set(defaults)
+      if c.method == "neuron_selection" and variant != "student_all":
+        assert c.model_kwargs.hidden[-1] == c.loss.num_selected  # the student's feature = K units
+  assert paper.get_config("student_meanfield").loss.selection == "@select_meanfield/selection.npz"
+  assert paper.get_config("select_meanfield").num_steps * 100 == 1000  # one pass over the 1,000 unseen images

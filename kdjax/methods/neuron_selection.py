@@ -475,6 +475,10 @@ def make_select_program(*, mode: str, num_selected: int, teacher_feature: str, p
     acts, labels = np.asarray(host.activations)[keep], np.asarray(host.labels)[keep]
     ia = labels[:, None] == np.arange(setup.dataset.num_classes)[None]
     na = binarize_at_median(np.asarray(host.nuisance)[keep])
+    for j in range(ia.shape[1]):  # named here: under jit a single-class attribute would only give NaN
+      _check_binary_attribute(ia[:, j], f"IA attribute 'class {j} vs rest' on the selection set")
+    for j, name in enumerate(NA_ATTRIBUTES):
+      _check_binary_attribute(na[:, j], f"NA attribute {name!r} (above its median) on the selection set")
     auc_ia = np.asarray(jax.jit(neuron_aucs)(acts, ia))
     auc_na = np.asarray(jax.jit(neuron_aucs)(acts, na))
     unary = np.asarray(unary_scores(auc_ia, auc_na, na_weight=na_weight))

@@ -521,6 +521,9 @@ class StageProgram:
       inputs): no student is built from ``config.model`` (``setup.student`` is ``None``), the state
       needs no ``params``/``batch_stats``, and the loop measures no test accuracy (``results.json``
       holds ``extra`` and ``steps``).
+    stage_length: ``stage_length(config, dataset, transfer_set) -> int``, the stage's number of steps
+      when ``config.num_steps`` is 0 (e.g. one batch per class, or classes × optimisation steps), so a
+      user need not work it out; ``None``: ``num_epochs`` passes over the transfer set.
   """
   init_state: Callable[[Setup], Any]
   make_step: Callable[[Setup], Callable]
@@ -529,6 +532,7 @@ class StageProgram:
   evaluate: Callable[[Setup, Any], dict[str, Any]] | None = None
   batches: Callable[[Setup], Callable[[int], Iterator[dict[str, jax.Array]]]] | None = None
   exports_model: bool = True
+  stage_length: Callable[[ml_collections.ConfigDict, kdata.Dataset, kdata.TransferSet], int] | None = None
 
 
 def objective_program(objective: Objective) -> StageProgram:
@@ -743,8 +747,12 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
     for w, reasons in partial.items():
       log.warning("using the unfinished run %s (allow_partial_teacher): %s", w, "; ".join(reasons))
 
-  steps_per_epoch = len(transfer_set) // config.batch_size
-  num_steps = config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
+  if config.num_steps > 0:
+    num_steps = config.num_steps
+  elif program.stage_length is not None:
+    num_steps = int(program.stage_length(config, dataset, transfer_set))
+  else:
+    num_steps = config.num_epochs * (len(transfer_set) // config.batch_size)
   tx = make_optimizer(config, num_steps)  # bad optimizer/schedule fields fail before config.json is written
   saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps,
                   "example_shape": list(dataset.example_shape), "data_fingerprint": data_fingerprint(dataset)}

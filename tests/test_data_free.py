@@ -53,8 +53,7 @@ def metadata_dir(tmp_path_factory, teacher_dir):
 
 def reconstruct_config(teacher_dir, metadata_dir, kind="top_layer", *, n=6, adam_steps=20, per_step=5, **fields):
   c = tiny_config(method="data_free_reconstruct", teacher_workdir=teacher_dir, log_every_steps=1,
-                  num_steps=df.reconstruct_num_steps(num_classes=10, adam_steps=adam_steps,
-                                                     iterations_per_step=per_step))
+                  num_steps=0)  # the stage's own length: classes x adam_steps / per_step
   c.loss = ml_collections.ConfigDict({**df.default_reconstruct_config(),
                                       "metadata": os.path.join(metadata_dir, df.METADATA_FILE), "kind": kind,
                                       "examples_per_class": n, "adam_steps": adam_steps,
@@ -217,6 +216,7 @@ def test_reconstruction_lowers_its_objective(tmp_path, teacher_dir, metadata_dir
   result = train.train_and_evaluate(reconstruct_config(teacher_dir, metadata_dir, kind), str(tmp_path),
                                     progress=False, mesh=one_device())
   extra = result["extra"]
+  assert result["steps"] == 10 * 20 // 5  # num_steps = 0: the stage's own length, classes x iterations
   assert extra["objective_final"] < 0.5 * extra["objective_initial"], extra
   with np.load(tmp_path / df.RECONSTRUCTED_FILE) as data:
     assert data["x_train"].shape == (60, 8, 8, 1)
@@ -327,7 +327,7 @@ def test_metadata_from_another_teacher_is_refused(tmp_path, teacher_dir, metadat
 def test_bad_reconstruction_settings_are_named(tmp_path, teacher_dir, metadata_dir):
   config = reconstruct_config(teacher_dir, metadata_dir)
   config.num_steps = 7
-  with pytest.raises(ValueError, match=r"set num_steps=40"):
+  with pytest.raises(ValueError, match=r"set num_steps=0 \(that length\) or 40"):
     train.train_and_evaluate(config, str(tmp_path / "a"), progress=False, mesh=one_device())
   with pytest.raises(ValueError, match="unknown kind 'spectral'"):
     df.make_reconstruct_program(**{**df.default_reconstruct_config(), "kind": "spectral"})
@@ -347,7 +347,7 @@ def test_protocol_configs_chain_their_stages_and_full_configs_build():
     configs[variant] = config
   assert configs["metadata"].teacher_workdir == "/runs/s0/teacher"
   assert configs["reconstruct_all_layers"].loss.metadata == "/runs/s0/metadata/metadata.npz"
-  assert configs["reconstruct_all_layers"].num_steps == 10 * paper.ADAM_STEPS // paper.ITERATIONS_PER_STEP
+  assert configs["reconstruct_all_layers"].num_steps == 0 and configs["metadata"].num_steps == 0  # stage lengths
   assert configs["student_all_layers"].dataset == "/runs/s0/reconstruct_all_layers/reconstructed.npz"
   assert configs["student_all_layers"].test_dataset == "mnist5k" and configs["student_real_kd"].dataset == "mnist5k"
   assert {configs[v].loss.alpha for v in paper.PROTOCOL if v.startswith("student_")} == {1.0}  # no labels
@@ -358,3 +358,8 @@ def test_protocol_configs_chain_their_stages_and_full_configs_build():
   assert full["celeba_metadata"].dataset == "celeb_a"
   with pytest.raises(ValueError, match="full-scale setting"):
     paper.get_config("celeba_teacher")
+
+
+def test_metadata_stage_length_is_one_batch_per_class():
+  program = df.make_metadata_program(**df.default_metadata_config())
+  assert program.stage_length(None, train.kdata.load("digits"), None) == 10

@@ -452,7 +452,7 @@ def metadata_plan(labels: np.ndarray, label_mask: np.ndarray, *, num_classes: in
   if num_steps < num_classes or num_steps % num_classes:
     raise ValueError(f"the data_free_metadata stage reads one class per batch, so num_steps must be a multiple of "
                      f"the {num_classes} classes (batches per class x classes); got num_steps={num_steps}: set "
-                     f"--config.num_steps={num_classes} (one batch per class) or a multiple of it")
+                     f"--config.num_steps=0 (one batch per class) or a multiple of {num_classes}")
   steps_per_class = num_steps // num_classes
   members = tuple(np.flatnonzero(labelled & (labels == c)) for c in range(num_classes))
   batch_size = _round_up(max(-(-len(m) // steps_per_class) for m in members), multiple)
@@ -573,8 +573,11 @@ def make_metadata_program(*, temperature: float, layers: Sequence[str], covarian
                                 info=info, spectral_fraction=spectral_fraction)
     return {f"metadata_kib_{kind}": entry["bytes"] / 1024 for kind, entry in info["kinds"].items() if kind != "noise"}
 
+  def stage_length(config, dataset, transfer_set) -> int:
+    return dataset.num_classes  # num_steps = 0: one batch per class
+
   return ktrain.StageProgram(init_state, make_step, needs_teacher=True, evaluate=evaluate, batches=batches,
-                             exports_model=False)
+                             exports_model=False, stage_length=stage_length)
 
 
 def write_metadata(workdir: str, state: MetadataState, *, names: Sequence[str], shapes: Mapping[str, tuple],
@@ -829,7 +832,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
   ``adam_steps`` iterations against the objective of ``kind`` with targets drawn once from the class's
   statistics (:func:`sample_all_targets`); each fit step runs ``iterations_per_step`` iterations
   (``lax.fori_loop``) of one class, so the stage has ``classes · adam_steps / iterations_per_step`` steps
-  (``config.num_steps`` must say so; ``kind="noise"`` has none). ``config.optimizer`` and
+  (``config.num_steps = 0`` gives that length; ``kind="noise"`` has none). ``config.optimizer`` and
   ``config.learning_rate`` are not read. ``evaluate`` writes ``reconstructed.npz`` (``x_train`` ``[C·n,
   ...]``, ``y_train`` = the class each input was reconstructed for) and ``reconstructed.png`` (a grid, one
   row per class).
@@ -877,7 +880,7 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
       raise ValueError(f"the data_free_reconstruct stage runs {meta.num_classes} classes x {steps_per_class} fit steps "
                        f"(adam_steps {adam_steps} / iterations_per_step {iterations_per_step}, at least 1) = "
                        f"{expected} steps; "
-                       f"set num_steps={expected} (got a stage of {setup.num_steps} steps)")
+                       f"set num_steps=0 (that length) or {expected} (got a stage of {setup.num_steps} steps)")
     return meta, teacher
 
   def init_state(setup) -> ReconstructState:
@@ -954,8 +957,12 @@ def make_reconstruct_program(*, metadata: str, kind: str, examples_per_class: in
                          examples_per_class=examples_per_class)
     return result
 
+  def stage_length(config, dataset, transfer_set) -> int:  # num_steps = 0: every class's iterations
+    return reconstruct_num_steps(num_classes=loaded().num_classes, adam_steps=adam_steps,
+                                 iterations_per_step=iterations_per_step)
+
   return ktrain.StageProgram(init_state, make_step, needs_teacher=True, evaluate=evaluate, batches=batches,
-                             exports_model=False)
+                             exports_model=False, stage_length=stage_length)
 
 
 def write_reconstruction(workdir: str, x: np.ndarray, y: np.ndarray, *, teacher_logits: np.ndarray, kind: str,

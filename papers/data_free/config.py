@@ -125,7 +125,7 @@ def get_config(arg: str = "student_all_layers") -> ml_collections.ConfigDict:
     classes = 2 if family == "celeba" else 10
     # One pass over the training set, one class per batch: MNIST's ~6,000 images a class in 6 batches each,
     # CelebA's ~81,000 per attribute value in 80, mnist5k's ~400 in one.
-    c.num_steps = classes * ({"mlp": 6, "conv": 6, "celeba": 80}[family] if full else 1)
+    c.num_steps = classes * {"mlp": 6, "conv": 6, "celeba": 80}[family] if full else 0  # 0: one batch per class
     c.loss = ml_collections.ConfigDict(df.default_metadata_config())
     if family == "celeba":
       c.loss.layers = ("embedding",)    # VGG's fc7 (post-ReLU: relu() of it is itself)
@@ -137,9 +137,8 @@ def get_config(arg: str = "student_all_layers") -> ml_collections.ConfigDict:
     n = FULL["examples_per_class"] if full else EXAMPLES_PER_CLASS
     adam_steps = 0 if kind == "noise" else (FULL["adam_steps"] if full else ADAM_STEPS)
     per_step = FULL["iterations_per_step"] if full else ITERATIONS_PER_STEP
-    classes = 2 if family == "celeba" else 10
     c.method = "data_free_reconstruct"
-    c.num_steps = df.reconstruct_num_steps(num_classes=classes, adam_steps=adam_steps, iterations_per_step=per_step)
+    c.num_steps = 0  # the stage's own length: classes x adam_steps / iterations_per_step (df.reconstruct_num_steps)
     c.checkpoint_every_steps = max(adam_steps // per_step, 1)  # a checkpoint at the end of every class
     c.log_every_steps = max(adam_steps // per_step, 1)
     c.loss = ml_collections.ConfigDict({

@@ -81,6 +81,38 @@ def jitter_images(images: np.ndarray, max_shift: int, rng: np.random.Generator) 
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def check_augmentation(example_shape, *, jitter: int, hflip: bool) -> None:
+  """Refuses augmentation that cannot apply: shifts or flips of examples that are not ``(H, W, C)`` images."""
+  shape = tuple(example_shape)
+  if (jitter or hflip) and len(shape) != 3:
+    raise ValueError(f"jitter={jitter} / hflip={hflip} shift or flip images of shape (height, width, channels); "
+                     f"the examples have shape {shape}")
+  if jitter < 0:
+    raise ValueError(f"jitter must be >= 0 pixels; got {jitter}")
+
+
+def augmented_checked_images(images: np.ndarray, positions: np.ndarray, *, seed: int, step: int, jitter: int,
+                             hflip: bool) -> np.ndarray:
+  """Step ``step``'s augmentation of a batch (a pure function of ``(seed, step)``), refusing NaN/inf inputs.
+
+  ``jitter``: random shifts of up to that many pixels (:func:`jitter_images`); ``hflip``: each image
+  flipped left-right with probability 1/2 (CIFAR recipes). ``positions`` (transfer-set positions) name
+  the bad examples in the error.
+  """
+  if jitter or hflip:
+    rng = np.random.default_rng([seed, 1, step])
+    images = jitter_images(images, jitter, rng)
+    if hflip:
+      flip = rng.random(len(images)) < 0.5
+      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  if not np.isfinite(images).all():
+    bad = positions[~np.isfinite(images.reshape(len(images), -1)).all(axis=1)]
+    raise NonFiniteError(f"step {step}: the input batch contains NaN or inf (transfer-set positions "
+                         f"{bad[:10].tolist()}); training stopped before this step, the last "
+                         "checkpoint is kept")
+  return images
+
+
 class TrainBatches:
   """Batches of a :class:`TransferSet` by step: ``batch(step)`` is deterministic.
 
@@ -95,12 +127,7 @@ class TrainBatches:
     if batch_size <= 0 or batch_size > len(transfer_set):
       raise ValueError(f"batch_size must be in [1, {len(transfer_set)}] (the transfer set size); "
                        f"got {batch_size}")
-    shape = tuple(transfer_set.split.example_shape)
-    if (jitter or hflip) and len(shape) != 3:
-      raise ValueError(f"jitter={jitter} / hflip={hflip} shift or flip images of shape (height, width, channels); "
-                       f"the examples have shape {shape}")
-    if jitter < 0:
-      raise ValueError(f"jitter must be >= 0 pixels; got {jitter}")
+    check_augmentation(transfer_set.split.example_shape, jitter=jitter, hflip=hflip)
     self.transfer_set = transfer_set
     self.batch_size, self.seed, self.jitter, self.hflip = batch_size, seed, jitter, hflip
     self.teacher_logits = teacher_logits
@@ -117,17 +144,8 @@ class TrainBatches:
     """The (this process's part of the) batch of ``step``; raises on NaN/inf inputs."""
     positions = self.indices(step)[self.host_slice]
     images, labels = self.transfer_set.split.get(self.transfer_set.indices[positions])
-    if self.jitter or self.hflip:
-      rng = np.random.default_rng([self.seed, 1, step])
-      images = jitter_images(images, self.jitter, rng)
-      if self.hflip:  # each image flipped left-right with probability 1/2 (CIFAR recipes)
-        flip = rng.random(len(images)) < 0.5
-        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    if not np.isfinite(images).all():
-      bad = positions[~np.isfinite(images.reshape(len(images), -1)).all(axis=1)]
-      raise NonFiniteError(f"step {step}: the input batch contains NaN or inf (transfer-set positions "
-                           f"{bad[:10].tolist()}); training stopped before this step, the last "
-                           "checkpoint is kept")
+    images = augmented_checked_images(images, positions, seed=self.seed, step=step, jitter=self.jitter,
+                                      hflip=self.hflip)
     out = {"image": images, "label": labels, "label_mask": self.transfer_set.label_mask[positions],
            "index": positions.astype(np.int32)}
     if self.teacher_logits is not None:
@@ -145,11 +163,12 @@ class ClassBalancedBatches:
   first ``P`` rows have one example per class and every one of them has its same-class partners later in the
   batch (DarkRank's "first half of the batch" queries, with ``K = 2``). Only labelled examples of the transfer
   set are used. Each batch is a dict like :class:`TrainBatches`'s (``image``, ``label``, ``label_mask``,
-  ``index``).
+  ``index``), with the same augmentation (``jitter``, ``hflip``) and NaN check.
   """
 
   def __init__(self, transfer_set: TransferSet, *, classes_per_batch: int, examples_per_class: int, seed: int,
-               host_slice: slice | None = None):
+               jitter: int = 0, hflip: bool = False, host_slice: slice | None = None):
+    check_augmentation(transfer_set.split.example_shape, jitter=jitter, hflip=hflip)
     labelled = np.flatnonzero(transfer_set.label_mask > 0)
     labels = np.asarray(transfer_set.split.labels)[transfer_set.indices[labelled]]
     classes, counts = np.unique(labels, return_counts=True)
@@ -161,7 +180,7 @@ class ClassBalancedBatches:
       raise ValueError(f"batches of {classes_per_batch} classes x {examples_per_class} examples need "
                        f"{classes_per_batch} classes with at least {examples_per_class} labelled examples each; "
                        f"the transfer set has {len(usable)} such classes (of {len(classes)})")
-    self.transfer_set, self.seed = transfer_set, seed
+    self.transfer_set, self.seed, self.jitter, self.hflip = transfer_set, seed, jitter, hflip
     self.classes_per_batch, self.examples_per_class = classes_per_batch, examples_per_class
     self.batch_size = classes_per_batch * examples_per_class
     self.host_slice = host_slice or slice(None)
@@ -177,9 +196,11 @@ class ClassBalancedBatches:
     return per_class.T.reshape(-1)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """The (this process's part of the) batch of ``step``."""
+    """The (this process's part of the) batch of ``step``, augmented as :class:`TrainBatches` does."""
     positions = self.indices(step)[self.host_slice]
     images, labels = self.transfer_set.split.get(self.transfer_set.indices[positions])
+    images = augmented_checked_images(images, positions, seed=self.seed, step=step, jitter=self.jitter,
+                                      hflip=self.hflip)
     return {"image": images, "label": labels, "label_mask": self.transfer_set.label_mask[positions],
             "index": positions.astype(np.int32)}
 

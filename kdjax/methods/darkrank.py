@@ -388,23 +388,11 @@ def make_stage_program(*, transfer: str, rank_weight: float, list_length: int, q
   def batches(setup):
     source = kdata.ClassBalancedBatches(setup.transfer_set, classes_per_batch=classes_per_batch(setup),
                                         examples_per_class=examples_per_class, seed=setup.config.seed,
+                                        jitter=setup.config.jitter, hflip=setup.config.hflip,
                                         host_slice=parallel.process_slice(setup.config.batch_size))
 
-    config = setup.config
-
-    def augmented(step: int) -> dict:
-      batch = source.batch(step)
-      if config.jitter or config.hflip:  # as kdata.TrainBatches: a pure function of (seed, step)
-        rng = np.random.default_rng([config.seed, 1, step])
-        images = kdata.jitter_images(batch["image"], config.jitter, rng)
-        if config.hflip:
-          flip = rng.random(len(images)) < 0.5
-          images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        batch["image"] = images
-      return batch
-
     def from_step(start_step: int):
-      return kdata.prefetch((augmented(s) for s in range(start_step, setup.num_steps)),
+      return kdata.prefetch((source.batch(s) for s in range(start_step, setup.num_steps)),
                             functools.partial(parallel.shard_batch, mesh=setup.mesh))
     return from_step
 

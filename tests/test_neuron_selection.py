@@ -193,7 +193,7 @@ def _config(method, **fields):
   if method == "supervised":
     c.model_kwargs = ml_collections.ConfigDict({"hidden": (32, 16)})
     c.include_unlabelled = False
-    c.num_steps = 40
+    c.num_steps = 24
   elif method == "neuron_selection_select":
     c.num_steps = 32  # ceil(497 / 16)
     c.loss = ml_collections.ConfigDict({**ns.default_select_config(), "num_selected": 4})
@@ -217,10 +217,16 @@ def teacher_dir(tmp_path_factory):
   return workdir
 
 
-def test_select_stage_writes_selection_and_resumes_after_a_kill(teacher_dir, tmp_path):
+@pytest.fixture(scope="module")
+def select_run(teacher_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ns_select") / "select")
+  return workdir, ktrain.train_and_evaluate(_config("neuron_selection_select", teacher_workdir=teacher_dir), workdir,
+                                            progress=False)
+
+
+def test_select_stage_writes_selection_and_resumes_after_a_kill(teacher_dir, select_run, tmp_path):
   config = _config("neuron_selection_select", teacher_workdir=teacher_dir)
-  straight = str(tmp_path / "straight")
-  result = ktrain.train_and_evaluate(config, straight, progress=False)
+  straight, result = select_run
   assert result["steps"] == 32 and "test_accuracy" not in result and result["extra"]["examples"] == 497
   with np.load(f"{straight}/{ns.SELECTION_FILE}") as f:
     written = {k: f[k] for k in f.files}
@@ -251,10 +257,8 @@ def test_select_stage_writes_selection_and_resumes_after_a_kill(teacher_dir, tmp
                               str(tmp_path / "bad2"), progress=False)
 
 
-def test_student_stage_regresses_the_selection_and_resumes_bit_identically(teacher_dir, tmp_path):
-  select_dir = str(tmp_path / "select")
-  ktrain.train_and_evaluate(_config("neuron_selection_select", teacher_workdir=teacher_dir, loss_mode="top_k"),
-                            select_dir, progress=False)
+def test_student_stage_regresses_the_selection_and_resumes_bit_identically(teacher_dir, select_run, tmp_path):
+  select_dir = select_run[0]
   config = _config("neuron_selection", teacher_workdir=teacher_dir,
                    loss_selection=f"{select_dir}/{ns.SELECTION_FILE}")
   straight, resumed = Capture(), Capture()

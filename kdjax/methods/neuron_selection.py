@@ -47,7 +47,8 @@ Two stages:
   (no file), and/or matches soft labels (``kd_weight``, Hinton's ``T²·KL``, the soft-label KD baseline evaluated
   the same way). Its ``evaluate`` adds the feature metrics above.
 
-Everything up to the stage programs is a pure function of arrays (jit-ready).
+Everything up to the stage programs is a pure function of arrays (jit-ready). The feature evaluations (the
+teacher's in the selection stage, the student's) read whole splits in one process and gather nothing across hosts.
 """
 
 from __future__ import annotations
@@ -443,9 +444,10 @@ def make_select_program(*, mode: str, num_selected: int, teacher_feature: str, p
 
   def batches(setup) -> Callable[[int], Iterator[dict]]:
     found, transfer, batch_size = positions(setup), setup.transfer_set, setup.config.batch_size
+    host = parallel.process_slice(batch_size)
 
     def host_batch(step: int) -> dict[str, np.ndarray]:
-      idx = np.arange(step * batch_size, (step + 1) * batch_size)
+      idx = np.arange(step * batch_size, (step + 1) * batch_size)[host]  # this process's part of the batch
       valid = idx < len(found)
       images, labels = transfer.split.get(transfer.indices[found[np.minimum(idx, len(found) - 1)]])
       images = np.asarray(images, np.float32)

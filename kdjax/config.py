@@ -48,6 +48,7 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.held_out_classes = ()          # open-set retrieval: these classes are never trained on; their test
                                    # examples are the retrieval set (results.json "retrieval")
   c.embedding_feature = "embedding"  # the model feature retrieval ranks by (with held_out_classes)
+  c.embedding_normalize = False    # rank by the L2-normalised feature (cosine), as re-ID evaluations do
   # Models.
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict()

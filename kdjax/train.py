@@ -790,9 +790,9 @@ def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
 
 
 def evaluate_retrieval(model: nn.Module, state: Any, split, mesh, *, feature: str, batch_size: int,
-                       ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+                       normalize: bool = False, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
   """Leave-one-out retrieval on ``split`` (:func:`kdjax.retrieval.retrieval_metrics`) with the model's
-  ``feature`` (flattened per example) as the embedding."""
+  ``feature`` (flattened per example, L2-normalised when ``normalize``) as the embedding."""
   from kdjax.retrieval import retrieval_metrics
   batch_size = _round_up(batch_size, mesh.size)
 
@@ -807,7 +807,9 @@ def evaluate_retrieval(model: nn.Module, state: Any, split, mesh, *, feature: st
     if jax.process_count() > 1:
       emb = multihost_utils.process_allgather(emb, tiled=True)
     chunks.append(np.asarray(emb))
-  embeddings = np.concatenate(chunks)[:len(split)]
+  embeddings = np.concatenate(chunks)[:len(split)].astype(np.float64)
+  if normalize:
+    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
   return retrieval_metrics(embeddings, np.asarray(split.labels), ks=ks)
 
 
@@ -872,6 +874,7 @@ def _train_and_evaluate_locked(config, workdir, *, mesh, progress, callbacks) ->
       if setup.dataset.retrieval is not None:
         summary["retrieval"] = evaluate_retrieval(setup.student, state, setup.dataset.retrieval, setup.mesh,
                                                   feature=config.embedding_feature,
+                                                  normalize=config.embedding_normalize,
                                                   batch_size=config.eval_batch_size)
     if program.evaluate is not None:
       summary["extra"] = program.evaluate(setup, state)

@@ -496,6 +496,14 @@ def test_held_out_classes_train_on_the_rest_and_write_retrieval_of_the_exported_
   assert result["retrieval"]["queries"] == len(held)
   for key in ("recall@1", "recall@5", "mAP"):
     np.testing.assert_allclose(result["retrieval"][key], want[key], rtol=1e-6)
+  # embedding_normalize: the same ranking on the L2-normalised feature (cosine).
+  feature = np.asarray(out.features["hidden_0"], np.float64)
+  want_cosine = retrieval_metrics(feature / np.linalg.norm(feature, axis=1, keepdims=True), labels)
+  state = train.TrainState(step=0, params=variables["params"], batch_stats={}, opt_state=None, rng=None)
+  got_cosine = train.evaluate_retrieval(models.get("mlp", hidden=(32,), num_classes=7), state,
+                                        train.kdata.hold_out_classes(digits, (7, 8, 9)).retrieval,
+                                        parallel.make_mesh(), feature="hidden_0", batch_size=160, normalize=True)
+  assert got_cosine == pytest.approx(want_cosine, rel=1e-6)
   with pytest.raises(UnknownNameError, match="embedding"):  # a feature the model does not have
     train_and_evaluate(tiny_config(held_out_classes=(9,)), str(tmp_path / "no_feature"), progress=False)
 

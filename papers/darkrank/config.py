@@ -95,6 +95,7 @@ def get_config(arg: str = "student_soft") -> ml_collections.ConfigDict:
     c.dataset = "market1501.npz"
     c.held_out_classes = MARKET_HELD_OUT
     c.embedding_feature = "pooled"
+    c.embedding_normalize = True    # the authors test on the L2-normalised feature
     c.model = "inception_v1" if variant == "teacher" else "mobilenet_v1"
     c.model_kwargs = ml_collections.ConfigDict()
     c.hflip = True                  # the authors' random mirror; their random 224x112 crops of 256-resized

@@ -195,7 +195,7 @@ def _config(method, **fields):
     c.include_unlabelled = False
     c.num_steps = 24
   elif method == "neuron_selection_select":
-    c.num_steps = 32  # ceil(497 / 16)
+    c.num_steps = 0  # the stage's own length: ceil(497 / 16) = 32
     c.loss = ml_collections.ConfigDict({**ns.default_select_config(), "num_selected": 4})
   else:
     c.labelled_examples = 0
@@ -319,4 +319,7 @@ def test_paper_configs_build_and_keep_equal_student_size():
       if c.method == "neuron_selection" and variant != "student_all":
         assert c.model_kwargs.hidden[-1] == c.loss.num_selected  # the student's feature = K units
   assert paper.get_config("student_meanfield").loss.selection == "@select_meanfield/selection.npz"
-  assert paper.get_config("select_meanfield").num_steps * 100 == 1000  # one pass over the 1,000 unseen images
+  program = ktrain.as_program(ktrain.make_method("neuron_selection_select", paper.get_config("select_meanfield").loss))
+  from kdjax import data as kdata
+  transfer = kdata.make_transfer_set(kdata.load("mnist5k"), labelled_examples=paper.LABELLED, include_unlabelled=True)
+  assert program.stage_length(paper.get_config("select_meanfield"), None, transfer) == 10  # 1,000 unseen / 100

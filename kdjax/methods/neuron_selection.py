@@ -384,8 +384,9 @@ def make_select_program(*, mode: str, num_selected: int, teacher_feature: str, p
                         temperature: float, iters: int, na_weight: float):
   """The selection stage (needs the teacher; exports no model): see the module docstring.
 
-  ``num_steps`` must be ``ceil(examples / batch_size)`` for the examples of :func:`selection_positions` (one
-  pass; the last batch is padded with weight-0 rows) or ``floor`` (``num_epochs=1``: the remainder is left out).
+  ``num_steps = 0`` (default in the paper configs) makes the stage one pass, ``ceil(examples / batch_size)`` steps
+  over the examples of :func:`selection_positions`, the last batch padded with weight-0 rows; a given ``num_steps``
+  must be that or ``floor`` (the remainder is left out).
   """
   from kdjax import data as kdata
   from kdjax import models, parallel
@@ -504,8 +505,12 @@ def make_select_program(*, mode: str, num_selected: int, teacher_feature: str, p
             "layer_abs_corr_mean": float(pairwise.sum() / (len(unary) * (len(unary) - 1))),
             "dead_neurons": float(np.sum(acts.std(axis=0) <= 1e-6)), "examples": float(keep.sum())}
 
+  def stage_length(config, dataset, transfer_set) -> int:
+    del dataset
+    return -(-len(selection_positions(transfer_set.label_mask)) // config.batch_size)
+
   return ktrain.StageProgram(init_state, make_step, needs_teacher=True, evaluate=evaluate, batches=batches,
-                             exports_model=False)
+                             exports_model=False, stage_length=stage_length)
 
 
 # --- the student stage -----------------------------------------------------------------------------------------

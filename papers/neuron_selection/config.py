@@ -76,8 +76,7 @@ def get_config(arg: str = "student_meanfield") -> ml_collections.ConfigDict:
     c.method = "neuron_selection_select"
     c.labelled_examples = labelled
     c.include_unlabelled = True
-    c.num_steps = 0 if full else 10     # one pass over the 1,000 images the teacher did not see
-    c.num_epochs = 1
+    c.num_steps = 0                     # the stage's own length: one pass over the images the teacher did not see
     c.loss = ml_collections.ConfigDict({**default_select_config(), "num_selected": num_selected,
                                         "mode": "top_k" if variant == "select_topk" else "mean_field"})
     return c

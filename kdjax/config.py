@@ -44,6 +44,7 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.hflip = False                  # random horizontal flips
   c.image_mean = ()                # per-channel standardisation (empty = none)
   c.image_std = ()
+  c.num_classes = 0                # the class count when the labels do not show it (0 = from the data)
   c.test_dataset = ""              # evaluate on this dataset's test split ("" = the dataset's own)
   c.held_out_classes = ()          # open-set retrieval: these classes are never trained on; their test
                                    # examples are the retrieval set (results.json "retrieval")
@@ -57,6 +58,7 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.init_layers = ()               # which top-level student layers to copy (empty = all)
   c.trainable = ()                 # train only these top-level student layers (empty = all)
   c.cache_teacher = True           # precompute teacher logits once when inputs are not augmented
+  c.allow_partial_teacher = False  # accept an unfinished teacher / init_from run (recorded in config.json)
   # Method.
   c.method = "supervised"
   c.loss = ml_collections.ConfigDict()
@@ -125,8 +127,10 @@ def parse_variant(arg: str, variants) -> tuple[str, bool]:
 
 
 def papers_dir() -> pathlib.Path:
-  """The ``papers/`` folder (beside the package in a source checkout, or ``$KDJAX_PAPERS_DIR``)."""
-  candidates = [os.environ.get(PAPERS_DIR_ENV, ""), pathlib.Path(__file__).resolve().parents[1] / "papers",
+  """The ``papers/`` folder: ``$KDJAX_PAPERS_DIR``, beside the package in a source checkout, inside the
+  package (``kdjax/papers``, where a wheel installs the configs), or ``./papers``."""
+  package = pathlib.Path(__file__).resolve().parent
+  candidates = [os.environ.get(PAPERS_DIR_ENV, ""), package.parent / "papers", package / "papers",
                 pathlib.Path.cwd() / "papers"]
   for candidate in candidates:
     if candidate and pathlib.Path(candidate, "soft_targets").is_dir():

@@ -4,8 +4,10 @@ import os
 
 # Compilation, not execution, dominates the suite: the tests' tiny programs do not need LLVM's expensive
 # optimisation passes (XLA's graph-level optimisations still run). Every exact comparison in the suite is
-# between programs compiled alike; comparisons with references use float tolerances.
-_FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+# between programs compiled alike; comparisons with references use float tolerances. (LLVM at -O0,
+# --xla_backend_optimization_level=0, was tried too: the FSP stage of test_fsp_then_plain_training then turns
+# NaN at its second step, so it is not used.)
+_FAST_COMPILE = ["--xla_llvm_disable_expensive_passes=true"]
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"]

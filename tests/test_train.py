@@ -213,7 +213,8 @@ def test_nan_in_batch_stops_with_step_and_keeps_checkpoint(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.random((64, 4, 4, 1)).astype(np.float32)
   x[epoch_order(0, 0, 64)[16 * 3 + 1], 2, 2, 0] = np.nan  # in the batch of step 3
-  np.savez(tmp_path / "nan.npz", x_train=x, y_train=np.arange(64) % 4, x_test=x[:8] * 0, y_test=np.arange(8) % 4)
+  np.savez(tmp_path / "nan.npz", x_train=x, y_train=np.arange(64) % 4, x_test=np.zeros_like(x[:8]),
+           y_test=np.arange(8) % 4)
   config = tiny_config(dataset=str(tmp_path / "nan.npz"), num_steps=8, checkpoint_every_steps=1)
   with pytest.raises(NonFiniteError, match=r"step 3: the input batch contains NaN"):
     train_and_evaluate(config, str(tmp_path / "run"), progress=False)

@@ -37,6 +37,8 @@ def default_stage_config() -> ml_collections.ConfigDict:
   # Data.
   c.dataset = "mnist5k"            # built-in name, TFDS catalogue name, or path/to/arrays.npz
   c.data_dir = ""                  # TFDS data_dir ("" = TFDS default)
+  c.label_feature = "label"        # TFDS: the feature holding the class, e.g. "attributes/Attractive" (CelebA)
+  c.image_size = ()                # TFDS: (height, width) to centre-crop and resize images to (empty = as stored)
   c.labelled_examples = 0          # keep labels for this many training examples (0 = all)
   c.include_unlabelled = True      # also train on the rest, labelled only by the teacher
   c.split_seed = 0                 # which examples are labelled

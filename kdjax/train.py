@@ -777,11 +777,13 @@ def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
   """The stage's dataset: ``config.dataset``, tested on ``config.test_dataset`` (if set), standardised,
   with ``config.held_out_classes`` split off as the retrieval set (if set)."""
   num_classes = config.get("num_classes", 0) or None
+  tfds_options = {"label_feature": config.get("label_feature", "label"),
+                  "image_size": tuple(config.get("image_size", ())) or None}
   dataset = kdata.load(config.dataset, data_dir=config.data_dir or None, require_test=not config.test_dataset,
-                       num_classes=num_classes)
+                       num_classes=num_classes, **(tfds_options if not config.dataset.endswith(".npz") else {}))
   if config.test_dataset:
     dataset = kdata.with_test_split(dataset, kdata.load(config.test_dataset, data_dir=config.data_dir or None,
-                                                        num_classes=num_classes))
+                                                        num_classes=num_classes, **tfds_options))
   if config.image_mean:
     dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
   if config.held_out_classes:

@@ -208,3 +208,28 @@ def test_class_balanced_batches_are_p_classes_by_k_examples_and_a_function_of_th
   assert not np.array_equal(batches.indices(8), batches.indices(7))
   with pytest.raises(ValueError, match="need 11 classes with at least 3 labelled examples"):
     data.ClassBalancedBatches(transfer, classes_per_batch=11, examples_per_class=3, seed=0)
+
+
+def test_tfds_attribute_labels_and_resized_images_through_data_source_mock():
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.load("celeb_a", label_feature="attributes/Attractive", image_size=(32, 24))
+    assert ds.num_classes == 2 and ds.example_shape == (32, 24, 3)
+    images, labels = ds.train.get(np.arange(6))
+    assert images.shape == (6, 32, 24, 3) and set(labels.tolist()) <= {0, 1} and labels.dtype == np.int32
+    source = tfds.data_source("celeb_a", split="train")
+    want = [int(source[i]["attributes"]["Attractive"]) for i in range(6)]
+    assert labels.tolist() == want
+    with pytest.raises(UnknownNameError, match=r"label feature.*'attributes/Atractive'.*attributes/Attractive"):
+      data.load("celeb_a", label_feature="attributes/Atractive")
+    with pytest.raises(data.sources.DataError, match="set --config.num_classes"):
+      data.load("celeb_a", label_feature="identity/Identity_No")
+    assert data.load("celeb_a", label_feature="identity/Identity_No", num_classes=10178).num_classes == 10178
+  with pytest.raises(ValueError, match="apply to TFDS datasets"):
+    data.load("digits", label_feature="attributes/Attractive")
+
+
+def test_resize_centre_crops_to_the_aspect_then_resizes():
+  images = np.zeros((1, 8, 4, 1), np.float32)
+  images[:, 2:6] = 1.0  # the centre 4x4 square is white, the 2-row bands above and below black
+  out = data.sources.resize_images(images, (2, 2))
+  np.testing.assert_allclose(out, np.ones((1, 2, 2, 1)), atol=1e-6)  # the crop keeps only the centre square

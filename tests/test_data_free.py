@@ -363,3 +363,13 @@ def test_protocol_configs_chain_their_stages_and_full_configs_build():
 def test_metadata_stage_length_is_one_batch_per_class():
   program = df.make_metadata_program(**df.default_metadata_config())
   assert program.stage_length(None, train.kdata.load("digits"), None) == 10
+
+
+def test_celeba_full_config_reads_an_attribute_as_the_class_at_224(tmp_path):
+  import tensorflow_datasets as tfds
+
+  from kdjax import reproduce
+  config = reproduce.load_paper("data_free").get_config("celeba_teacher,full")
+  with tfds.testing.mock_data(num_examples=4):
+    dataset = train.load_stage_dataset(config)
+  assert dataset.num_classes == 2 and dataset.example_shape == (224, 224, 3)

@@ -52,19 +52,46 @@ class ArraySplit:
     return self.images[indices], self.labels[indices]
 
 
+def _feature(record, path: str):
+  """``record``'s feature at ``path`` (``"label"``, or ``"attributes/Attractive"`` for a nested one)."""
+  for key in path.split("/"):
+    record = record[key]
+  return record
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """NHWC ``images`` centre-cropped to the aspect ratio of ``size`` = (height, width), then resized to it
+  (bilinear, antialiased: Pillow's resize of each channel, in float32)."""
+  from PIL import Image
+  height, width = images.shape[1:3]
+  target_h, target_w = size
+  crop_h, crop_w = min(height, round(width * target_h / target_w)), min(width, round(height * target_w / target_h))
+  top, left = (height - crop_h) // 2, (width - crop_w) // 2
+  cropped = images[:, top:top + crop_h, left:left + crop_w].astype(np.float32)
+  return np.stack([np.stack([np.asarray(Image.fromarray(image[..., c], mode="F").resize((target_w, target_h),
+                                                                                         Image.BILINEAR))
+                             for c in range(image.shape[-1])], axis=-1) for image in cropped])
+
+
 class TfdsSplit:
-  """A split read on demand from a prepared TFDS dataset (``tfds.data_source``)."""
+  """A split read on demand from a prepared TFDS dataset (``tfds.data_source``).
+
+  ``label_key`` is a feature path (``"label"``, or ``"attributes/Attractive"`` for one of CelebA's binary
+  attributes: booleans become classes 0 and 1); ``image_size`` (height, width), if given, centre-crops and
+  resizes every image (:func:`resize_images`).
+  """
 
   def __init__(self, source, image_key: str = "image", label_key: str = "label", *, num_classes: int | None = None,
-               name: str = "TFDS split"):
+               name: str = "TFDS split", image_size: tuple[int, int] | None = None):
     self.source = source
     self.image_key, self.label_key = image_key, label_key
     self.num_classes, self.name = num_classes, name
+    self.image_size = tuple(image_size) if image_size else None
     if len(source) == 0:
       raise DataError(f"{name} is empty")
-    first = source[0]
-    self._shape = tuple(np.asarray(first[image_key]).shape)
-    self._scale = 255.0 if np.asarray(first[image_key]).dtype == np.uint8 else 1.0
+    first = np.asarray(source[0][image_key])
+    self._shape = (*self.image_size, first.shape[-1]) if self.image_size else tuple(first.shape)
+    self._scale = 255.0 if first.dtype == np.uint8 else 1.0
 
   def __len__(self) -> int:
     return len(self.source)
@@ -76,7 +103,11 @@ class TfdsSplit:
   def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     records = [self.source[int(i)] for i in indices]
     images = np.stack([np.asarray(r[self.image_key]) for r in records]).astype(np.float32) / self._scale
-    raw = np.asarray([r[self.label_key] for r in records])
+    if self.image_size:
+      images = resize_images(images, self.image_size)
+    raw = np.asarray([_feature(r, self.label_key) for r in records])
+    if raw.dtype.kind == "b":  # a binary attribute: False/True are classes 0/1
+      raw = raw.astype(np.int32)
     if raw.dtype.kind not in "iu":
       raise DataError(f"{self.name}: labels must be integer class ids; got dtype {raw.dtype}")
     if self.num_classes is not None:
@@ -444,7 +475,26 @@ def fingerprint(dataset: Dataset) -> str:
   return h.hexdigest()[:16]
 
 
-def _load_tfds(name: str, data_dir: str | None) -> Dataset:
+def _label_classes(builder, name: str, label_feature: str) -> int | None:
+  """The class count of ``label_feature`` from the dataset's metadata (2 for a boolean), ``None`` if it has none."""
+  feature = builder.info.features
+  try:
+    for key in label_feature.split("/"):
+      feature = feature[key]
+  except (KeyError, TypeError):
+    def paths(spec, prefix=""):
+      for key in getattr(spec, "keys", list)():
+        child = spec[key]
+        yield from paths(child, f"{prefix}{key}/") if hasattr(child, "keys") else [f"{prefix}{key}"]
+    raise unknown_name(f"label feature of TFDS dataset {name!r}", label_feature,
+                       list(paths(builder.info.features))) from None
+  if getattr(feature, "num_classes", None):
+    return int(feature.num_classes)
+  return 2 if np.dtype(getattr(feature, "np_dtype", None) or feature.dtype.as_numpy_dtype) == np.bool_ else None
+
+
+def _load_tfds(name: str, data_dir: str | None, *, label_feature: str = "label",
+               image_size: tuple[int, int] | None = None, num_classes: int | None = None) -> Dataset:
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core.utils import gcs_utils
   gcs_utils._is_gcs_disabled = True  # never reach for the network (and TensorFlow) when data is missing
@@ -453,6 +503,12 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
   except tfds.core.registered.DatasetNotFoundError:
     raise unknown_name("dataset (neither built-in, an .npz path, nor in the TFDS catalogue)", name,
                        list(BUILTIN) + ["<any TFDS catalogue name>", "<path/to/arrays.npz>"]) from None
+  classes = _label_classes(builder, name, label_feature)
+  if classes is None:
+    if not num_classes:
+      raise DataError(f"the label feature {label_feature!r} of TFDS dataset {name!r} has no class count in its "
+                      "metadata; set --config.num_classes")
+    classes = num_classes
   splits = {}
   for split in ("train", "test"):
     try:
@@ -464,23 +520,32 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
           f"`pip install tensorflow && tfds build {name} --file_format=array_record` (then copy the "
           f"{name}/ folder into your data_dir), or use a built-in offline set: {', '.join(BUILTIN)}. "
           f"[{type(e).__name__}: {str(e).splitlines()[0][:200]}]") from e
-    splits[split] = TfdsSplit(source, num_classes=builder.info.features["label"].num_classes,
-                              name=f"TFDS {name!r} split {split!r}")
-  num_classes = builder.info.features["label"].num_classes
-  return Dataset(name, splits["train"], splits["test"], num_classes)
+    splits[split] = TfdsSplit(source, label_key=label_feature, num_classes=classes,
+                              name=f"TFDS {name!r} split {split!r}", image_size=image_size)
+  return Dataset(name, splits["train"], splits["test"], classes)
 
 
 def load(name: str, *, data_dir: str | None = None, require_test: bool = True,
-         num_classes: int | None = None) -> Dataset:
+         num_classes: int | None = None, label_feature: str = "label",
+         image_size: tuple[int, int] | None = None) -> Dataset:
   """Loads a dataset by name: built-in, ``path/to/file.npz``, or a TFDS catalogue name.
 
   ``require_test=False`` accepts a train-only ``.npz`` (``test`` is then ``None``). ``num_classes`` (optional)
   is the class count the caller expects: an ``.npz`` without a ``num_classes`` entry takes it (its labels are
-  checked against it), and a dataset whose metadata gives another count is refused.
+  checked against it), and a dataset whose metadata gives another count is refused. TFDS datasets only:
+  ``label_feature`` names the feature that holds the class (``"attributes/Attractive"``: a CelebA attribute;
+  ``"identity/Identity_No"`` with ``num_classes``: CelebA identities), ``image_size`` (height, width)
+  centre-crops and resizes the images.
   """
+  if (label_feature != "label" or image_size) and (name.endswith(".npz") or name in BUILTIN):
+    raise ValueError(f"label_feature and image_size apply to TFDS datasets; {name!r} is not one (got "
+                     f"label_feature={label_feature!r}, image_size={tuple(image_size or ())})")
   if name.endswith(".npz"):
     return _load_npz(name, require_test=require_test, num_classes=num_classes)
-  dataset = BUILTIN[name]() if name in BUILTIN else _load_tfds(name, data_dir)
+  if name in BUILTIN:
+    dataset = BUILTIN[name]()
+  else:
+    dataset = _load_tfds(name, data_dir, label_feature=label_feature, image_size=image_size, num_classes=num_classes)
   if num_classes is not None and num_classes != dataset.num_classes:
     raise DataError(f"dataset {name!r} has {dataset.num_classes} classes (its metadata), but num_classes="
                     f"{num_classes} was given; remove --config.num_classes or set it to {dataset.num_classes}")

@@ -32,10 +32,10 @@ Also written down (``kdjax train`` each stage; not in ``PROTOCOL``): ``conv_*`` 
 LeNet-5 → LeNet-5-half (``lenet5``/``lenet5_half``; MNIST's 28×28 zero-padded to 32×32 where the code
 resizes), on ``mnist5k`` or with ``,full`` on TFDS ``mnist``; ``celeba_*`` (``,full`` only) — CelebA
 (TFDS ``celeb_a``) with one balanced binary attribute, VGG-16 → VGG-11 (the code's CelebA nets are AlexNet →
-AlexNet-half, not in kdjax's zoo), recording the fc7 ``embedding``. kdjax's TFDS reader takes the ``label``
-feature, which ``celeb_a`` does not have: the attribute label (the code takes the most balanced of the 40,
-``Attractive`` [M]) and the code's crop-and-resize to 224×224 are not yet in the data pipeline, so the
-``celeba_*`` configs stop at loading the data until they are.
+AlexNet-half, not in kdjax's zoo), recording the fc7 ``embedding``. ``celeb_a`` has no ``label`` feature:
+these configs take the attribute ``Attractive`` as the class
+(``label_feature``; the code takes the most balanced of the 40 [M]) and centre-crop and resize the images to
+224×224 (``image_size``), as the code does.
 
 Commands::
 
@@ -110,6 +110,8 @@ def get_config(arg: str = "student_all_layers") -> ml_collections.ConfigDict:
 
   c = default_stage_config()
   c.dataset = {"mlp": "mnist", "conv": "mnist", "celeba": "celeb_a"}[family] if full else "mnist5k"
+  if family == "celeba":  # the code's most balanced attribute [M] as the class; its crop-and-resize to 224x224
+    c.label_feature, c.image_size = "attributes/Attractive", (224, 224)
   c.batch_size = FULL["batch_size"] if full else 100
   c.checkpoint_every_steps = 2000
   c.learning_rate = 1e-3

@@ -59,3 +59,39 @@ def assert_pairs_match_golden(g: dict[str, np.ndarray], per_pair, loss, grads) -
 def golden():
   """Fixture form of :func:`load_golden`."""
   return load_golden
+
+
+# --- shared helpers of the stage tests ------------------------------------------------------------------------
+
+
+class StopTraining(Exception):
+  """Raised by :func:`crash_after` to interrupt a run between steps, as if the process had died."""
+
+
+def crash_after(step: int):
+  """A ``fit`` callback that stops the run after ``step`` as if the process had died there."""
+  def callback(done, state):
+    del state
+    if done == step:
+      raise StopTraining(f"interrupted after step {done}")
+  return callback
+
+
+class Capture:
+  """A ``fit`` callback keeping the state after the last step (on the host)."""
+
+  def __init__(self):
+    self.state = None
+
+  def __call__(self, done, state):
+    self.state = jax.device_get(state)
+
+
+def set_fields(config, fields):
+  """Sets ``config``'s fields from ``fields``; a key ``loss_<name>`` sets ``config.loss.<name>``."""
+  for key, value in fields.items():
+    if key.startswith("loss_"):
+      config.loss[key[5:]] = value
+    else:
+      config[key] = value
+  return config

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close
+from conftest import StopTraining, assert_trees_close, crash_after
 from jax.test_util import check_grads
-from test_train import StopTraining, crash_after, tiny_config
+from test_train import tiny_config
 
 from kdjax import parallel, reproduce
 from kdjax.errors import UnknownNameError
@@ -263,6 +263,7 @@ def final_state(store):
   return callback
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical_with_both_optimizer_states(tmp_path, teacher_dir):
   config = adversarial_config(teacher_dir, num_steps=10, checkpoint_every_steps=3,
                               model_kwargs={"hidden": (32,), "dropout_hidden": 0.2})

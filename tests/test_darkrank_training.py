@@ -5,7 +5,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-from test_train import StopTraining, crash_after, tiny_config
+from conftest import StopTraining, crash_after
+from test_train import tiny_config
 
 from kdjax import parallel, reproduce
 from kdjax import train as ktrain

@@ -10,8 +10,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import StopTraining, crash_after, set_fields
 from jax.test_util import check_grads
-from test_train import StopTraining, crash_after, tiny_config
+from test_train import tiny_config
 
 from kdjax import data as kdata
 from kdjax import models, parallel, train
@@ -36,12 +37,7 @@ def teacher_dir(tmp_path_factory):
 def metadata_config(teacher_dir, **fields):
   c = tiny_config(method="data_free_metadata", teacher_workdir=teacher_dir, num_steps=20, batch_size=16)
   c.loss = ml_collections.ConfigDict({**df.default_metadata_config(), "spectral_fraction": 0.3})
-  for key, value in fields.items():
-    if key.startswith("loss_"):
-      c.loss[key[5:]] = value
-    else:
-      c[key] = value
-  return c
+  return set_fields(c, fields)
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import Capture, StopTraining, set_fields
 from sklearn.metrics import roc_auc_score
 
 from kdjax import checkpoint as ckpt
 from kdjax import train as ktrain
 from kdjax.config import default_stage_config
 from kdjax.methods import neuron_selection as ns
-
-
-class Crash(Exception):
-  """Raised by a ``fit`` callback to stop a run between steps, as if the process had died."""
-
-
-class Capture:
-  """A ``fit`` callback keeping the state after the last step (on the host)."""
-
-  def __init__(self):
-    self.state = None
-
-  def __call__(self, done, state):
-    self.state = jax.device_get(state)
-
 
 # --- per-neuron statistics -------------------------------------------------------------------------------------
 
@@ -202,12 +188,7 @@ def _config(method, **fields):
     c.model_kwargs = ml_collections.ConfigDict({"hidden": (16, 4)})
     c.num_steps = 8
     c.loss = ml_collections.ConfigDict({**ns.default_student_config(), "num_selected": 4, "num_pairs": 200})
-  for key, value in fields.items():
-    if key.startswith("loss_"):
-      c.loss[key[5:]] = value
-    else:
-      c[key] = value
-  return c
+  return set_fields(c, fields)
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +218,9 @@ def test_select_stage_writes_selection_and_resumes_after_a_kill(teacher_dir, sel
 
   def crash(done, state):
     if done == 10:
-      raise Crash("simulated crash after step 10")
+      raise StopTraining("simulated crash after step 10")
   resumed = str(tmp_path / "resumed")
-  with pytest.raises(Crash):
+  with pytest.raises(StopTraining):
     ktrain.train_and_evaluate(config, resumed, progress=False, callbacks=[crash])
   checkpointer = ckpt.Checkpointer(resumed)
   assert checkpointer.manager.latest_step() == 8
@@ -268,8 +249,8 @@ def test_student_stage_regresses_the_selection_and_resumes_bit_identically(teach
 
   def crash(done, state):
     if done == 5:
-      raise Crash("simulated crash after step 5")
-  with pytest.raises(Crash):
+      raise StopTraining("simulated crash after step 5")
+  with pytest.raises(StopTraining):
     ktrain.train_and_evaluate(config, str(tmp_path / "resumed"), progress=False, callbacks=[crash])
   ktrain.train_and_evaluate(config, str(tmp_path / "resumed"), progress=False, callbacks=[resumed])
   jax.tree.map(np.testing.assert_array_equal, straight.state, resumed.state)

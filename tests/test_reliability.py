@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import StopTraining, crash_after
+from test_train import tiny_config as stage_config
 
 from kdjax import checkpoint as ckpt
 from kdjax import train
-from kdjax.config import default_stage_config
 from kdjax.errors import WorkdirError, WorkdirInUseError
 from kdjax.logging_utils import METRICS_FILE
 from kdjax.train import train_and_evaluate
@@ -27,29 +28,7 @@ from kdjax.train import train_and_evaluate
 
 def tiny_config(**fields):
   """A 4-step MLP stage on sklearn digits (8x8x1, 10 classes)."""
-  c = default_stage_config()
-  c.dataset = "digits"
-  c.model = "mlp"
-  c.model_kwargs = {"hidden": (16,)}
-  c.batch_size = 16
-  c.num_steps = 4
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 2
-  c.eval_batch_size = 160
-  for key, value in fields.items():
-    c[key] = value
-  return c
-
-
-class Crash(Exception):
-  pass
-
-
-def crash_after(step):
-  def callback(done, state):
-    if done == step:
-      raise Crash(f"simulated crash after step {done}")
-  return callback
+  return stage_config(**{"model_kwargs": {"hidden": (16,)}, "num_steps": 4, "checkpoint_every_steps": 2, **fields})
 
 
 def save_npz(path, *, n=64, shape=(8, 8, 1), classes=10, seed=0, **replace):
@@ -216,7 +195,7 @@ def test_a_finished_run_without_a_readable_checkpoint_is_not_retrained_over(fini
 def test_metrics_have_one_row_per_logged_step_after_a_resume(tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(num_steps=8, log_every_steps=1, checkpoint_every_steps=4)
-  with pytest.raises(Crash):
+  with pytest.raises(StopTraining):
     train_and_evaluate(config, str(workdir), progress=False, callbacks=[crash_after(6)])
   train_and_evaluate(config, str(workdir), progress=False)
   steps = [json.loads(line)["step"] for line in (workdir / METRICS_FILE).read_text().splitlines()]
@@ -225,7 +204,7 @@ def test_metrics_have_one_row_per_logged_step_after_a_resume(tmp_path):
 
 def test_the_lock_is_released_so_the_same_process_can_run_again(tmp_path):
   workdir = str(tmp_path / "run")
-  with pytest.raises(Crash):
+  with pytest.raises(StopTraining):
     train_and_evaluate(tiny_config(), workdir, progress=False, callbacks=[crash_after(1)])
   t0 = time.time()
   train_and_evaluate(tiny_config(), workdir, progress=False)

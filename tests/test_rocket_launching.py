@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import Capture, StopTraining, set_fields
 from jax.test_util import check_grads
 
 from kdjax import checkpoint as ckpt
@@ -32,26 +33,8 @@ def rocket_config(**fields):
   c.method = "rocket_launching"
   c.loss = ml_collections.ConfigDict({**rl.default_loss_config(), "booster_model": "mlp",
                                       "booster_model_kwargs": dict(BOOSTER), "shared_layers": ("dense_0",)})
-  for key, value in fields.items():
-    if key.startswith("loss_"):
-      c.loss[key[5:]] = value
-    else:
-      c[key] = value
-  return c
+  return set_fields(c, fields)
 
-
-class Crash(Exception):
-  """Raised by a ``fit`` callback to stop a run between steps, as if the process had died."""
-
-
-class Capture:
-  """A ``fit`` callback keeping the state after the last step (on the host)."""
-
-  def __init__(self):
-    self.state = None
-
-  def __call__(self, done, state):
-    self.state = jax.device_get(state)
 
 
 def _pair(light_kwargs=LIGHT, booster_kwargs=BOOSTER, classes=5, inputs=6):
@@ -225,8 +208,8 @@ def test_resumed_joint_run_is_bit_identical(tmp_path):
 
   def crash(done, state):
     if done == 7:
-      raise Crash("simulated crash after step 7")
-  with pytest.raises(Crash):
+      raise StopTraining("simulated crash after step 7")
+  with pytest.raises(StopTraining):
     ktrain.train_and_evaluate(rocket_config(**kwargs), str(tmp_path / "resumed"), progress=False, callbacks=[crash])
   assert ckpt.load_teacher_variables(str(tmp_path / "resumed"))[2] == 6
   ktrain.train_and_evaluate(rocket_config(**kwargs), str(tmp_path / "resumed"), progress=False, callbacks=[resumed])
@@ -309,7 +292,7 @@ def test_full_config_smoke(tmp_path):
   """
   rng = np.random.default_rng(0)
   path = str(tmp_path / "tiny_cifar.npz")
-  np.savez(path, x_train=rng.integers(0, 255, (16, 8, 8, 3), np.uint8), y_train=rng.integers(0, 10, 16),
+  np.savez(path, x_train=rng.integers(0, 255, (16, 8, 8, 3), np.uint8), y_train=np.arange(16) % 10,
            x_test=rng.integers(0, 255, (8, 8, 8, 3), np.uint8), y_test=np.arange(8) % 10)
   c = reproduce.load_paper("rocket_launching").get_config("student_rocket,full")
   c.dataset, c.batch_size, c.num_steps, c.eval_batch_size = path, 8, 2, 8

@@ -11,7 +11,8 @@ import sys
 import textwrap
 
 import pytest
-from test_reliability import Crash, crash_after, save_npz, tiny_config
+from conftest import StopTraining, crash_after
+from test_reliability import save_npz, tiny_config
 
 from kdjax import train
 from kdjax.errors import UnfinishedRunError
@@ -69,7 +70,7 @@ def test_a_successful_cli_run_prints_no_traceback_and_logs_progress_lines_when_n
 
 def test_an_unfinished_teacher_is_refused_unless_allowed_and_the_allowance_is_recorded(tmp_path):
   teacher = tmp_path / "teacher"
-  with pytest.raises(Crash):
+  with pytest.raises(StopTraining):
     train_and_evaluate(tiny_config(num_steps=8), str(teacher), progress=False, callbacks=[crash_after(5)])
   student = tiny_config(method="soft_targets", teacher_workdir=str(teacher))
   with pytest.raises(UnfinishedRunError, match=r"no results.json .*newest checkpoint is at step 4 of 8.*"

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import StopTraining, crash_after
 from flax import serialization
 
 from kdjax import checkpoint as ckpt
@@ -124,19 +125,6 @@ def test_teacher_is_never_written(tmp_path, teacher_dir):
   assert before == after
   student_vars, _ = params_of(tmp_path / "s")
   assert set(student_vars["params"]) == {"dense_0", "head"}  # only the student's own layers
-
-
-class StopTraining(Exception):
-  """Raised by :func:`crash_after` to interrupt a run between steps."""
-
-
-def crash_after(step: int):
-  """A ``fit`` callback that stops the run after ``step`` as if the process had died there."""
-  def callback(done, state):
-    del state
-    if done == step:
-      raise StopTraining(f"interrupted after step {done}")
-  return callback
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):

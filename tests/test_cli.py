@@ -27,7 +27,7 @@ def test_list_methods_shows_every_registered_method(capsys):
     assert f"  {name} " in out
 
 
-@pytest.mark.parametrize("paper, seeds", [("soft_targets", 2), ("mimic", 1)])
+@pytest.mark.parametrize("paper, seeds", [pytest.param("soft_targets", 2, marks=pytest.mark.slow), ("mimic", 1)])
 def test_reproduce_smoke_writes_table_json_and_chart(tmp_path, capsys, paper, seeds):
   workdir = tmp_path / paper
   assert main(["reproduce", paper, "--seeds", str(seeds), "--workdir", str(workdir), *TINY]) == 0

@@ -64,7 +64,7 @@ def one_step(method, loss, mesh):
 
 
 @pytest.mark.parametrize("method, loss", [
-    ("attention_transfer", {"alpha": 0.9}),
+    pytest.param("attention_transfer", {"alpha": 0.9}, marks=pytest.mark.slow),
     ("fsp", {}),
     ("fitnets_hint", {}),
     ("fitnets_kd", {"lambda_decay_fraction": 0.5}),

@@ -239,7 +239,8 @@ ZOO = {
 DISTILLED = ("resnet50", "mobilenet_v2")  # exercised by the distillation step below
 TRAINED = tuple(sorted(set(ZOO) - set(DISTILLED)))  # every other model
 # The models whose training step takes longest to compile run with `pytest -m slow` (CI runs both).
-SLOW_TO_COMPILE = ("densenet121", "inception_v1", "inception_v3", "ion", "mobilenet_v2_cifar", "se_resnet50")
+SLOW_TO_COMPILE = ("densenet121", "inception_v1", "inception_v3", "ion", "mobilefacenet", "mobilenet_v2_cifar",
+                   "se_resnet50", "shufflenet_v1", "shufflenet_v1_cifar", "shufflenet_v2", "shufflenet_v2_cifar")
 
 
 def test_every_zoo_model_is_covered():

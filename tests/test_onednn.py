@@ -218,7 +218,8 @@ def test_gradient_attention_through_a_resnet_equals_xla(need_onednn):
   assert_trees_close(got, want, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["resnet18", pytest.param("inception_v3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "inception_v3"])
 def test_zoo_model_gradients_with_onednn_equal_xla(need_onednn, name):
   """The zoo's convolutions go through the same function: 7×7 stride-2 stems, 1×7/7×1 kernels, biases."""
   net = models.get(name, num_classes=5)

@@ -43,6 +43,7 @@ def params_of(workdir):
   return ckpt.load_teacher_variables(str(workdir))[0]["params"]
 
 
+@pytest.mark.slow
 def test_init_from_reference_resolves_to_this_seeds_stage1_run(tmp_path, monkeypatch):
   monkeypatch.setattr(reproduce, "load_paper", lambda key: fake_paper())
   results = reproduce.run_protocol("fake", seeds=2, workdir=str(tmp_path), progress=False, echo=lambda *a: None)

@@ -285,6 +285,7 @@ def test_killed_and_resumed_run_is_bit_identical_with_both_optimizer_states(tmp_
   assert 0.0 <= result["extra"]["disc_test_acc_real"] <= 1.0
 
 
+@pytest.mark.slow
 def test_cached_teacher_equals_live_teacher(tmp_path, teacher_dir):
   live_store, cached_store = {}, {}
   cached = train_and_evaluate(adversarial_config(teacher_dir), str(tmp_path / "cached"), progress=False,

@@ -10,6 +10,7 @@ TINY = ["--dataset", "digits", "--no-progress", "--config.num_steps=3", "--confi
         "--config.batch_size=16", "--config.eval_batch_size=160", "--config.checkpoint_every_steps=2"]
 
 
+@pytest.mark.slow
 def test_list_shows_papers_datasets_models(capsys):
   assert main(["list"]) == 0
   out = capsys.readouterr().out
@@ -85,6 +86,7 @@ def test_zero_temperature_is_rejected_before_training(tmp_path, capsys):
   assert "temperature must be > 0, got 0.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_full_switch_uses_the_tfds_dataset(tmp_path, capsys):
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=256):

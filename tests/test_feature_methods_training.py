@@ -85,6 +85,7 @@ def fresh_params(seed):
   return create_train_state(student, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)), seed=seed).params
 
 
+@pytest.mark.slow
 def test_fitnets_two_stages(tmp_path, teacher):
   # Stage 1: only the layers up to the guided layer (and the regressor) change.
   stage1 = config(method="fitnets_hint", teacher_workdir=teacher, trainable=GUIDED, num_steps=4)
@@ -121,6 +122,7 @@ def test_fitnets_kd_lambda_anneals_over_a_fraction_of_the_stage():
   assert float(lam) == pytest.approx(4.0 - 3.0 * 0.75)
 
 
+@pytest.mark.slow
 def test_fsp_then_plain_training(tmp_path, teacher):
   train_and_evaluate(config(method="fsp", teacher_workdir=teacher, num_steps=3), str(tmp_path / "fsp"),
                      progress=False)
@@ -129,6 +131,7 @@ def test_fsp_then_plain_training(tmp_path, teacher):
   assert 0.0 <= result["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_fsp_channel_mismatch_names_index_and_counts(tmp_path, teacher):
   c = config(method="fsp", teacher_workdir=teacher, model_kwargs={"widths": (4, 4, 8, 16)})
   with pytest.raises(ValueError, match="at index 3 the student has 16 channels"):

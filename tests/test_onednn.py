@@ -90,6 +90,7 @@ def test_conv_equals_lax_in_values_and_first_and_second_derivatives(need_onednn,
   assert_trees_close(second_ours, jax.grad(second(ref), (0, 1))(x, w), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_rectangular_kernels_and_unequal_strides(need_onednn):
   """Inception's 1×7 / 7×1 factorised kernels, and a stride that differs between rows and columns."""
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
@@ -184,6 +185,7 @@ def _kd_step(mesh):
   return "kdjax_onednn" in lowered.as_text(), (new_state.params, new_state.batch_stats, metrics["loss"])
 
 
+@pytest.mark.slow
 def test_kd_train_step_with_onednn_equals_xla_on_one_and_eight_devices(need_onednn):
   one, eight = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()
   uses_xla, xla = _kd_step(one)
@@ -195,6 +197,7 @@ def test_kd_train_step_with_onednn_equals_xla_on_one_and_eight_devices(need_oned
   assert_trees_close(on_eight, xla, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_attention_through_a_resnet_equals_xla(need_onednn):
   """Double back-propagation through a CIFAR ResNet: ∂/∂θ ‖∂L_S/∂x − ∂L_T/∂x‖ on oneDNN and on XLA."""
   net = models.get("resnet8", widths=(4, 4, 8, 8), num_classes=5)

@@ -48,6 +48,7 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.image_std = ()
   c.num_classes = 0                # the class count when the labels do not show it (0 = from the data)
   c.test_dataset = ""              # evaluate on this dataset's test split ("" = the dataset's own)
+  c.classes = ()                   # train and test on these class ids only, relabelled 0..k-1 (empty = all)
   c.held_out_classes = ()          # open-set retrieval: these classes are never trained on; their test
                                    # examples are the retrieval set (results.json "retrieval")
   c.embedding_feature = "embedding"  # the model feature retrieval ranks by (with held_out_classes)

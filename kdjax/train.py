@@ -370,7 +370,7 @@ def load_teachers(teacher_workdir: str, *, allow_partial: bool = False, example_
         raise ValueError(f"teacher {text} outputs {logits.shape[-1]} classes, but this stage's dataset has "
                          f"{num_classes}" + (f" (ensemble: {members})" if len(workdirs) > 1 else "")
                          + "; distil from a teacher trained on the same classes (the same dataset and "
-                         "held_out_classes)")
+                         "classes and held_out_classes)")
   return teacher_models, teacher_variables
 
 
@@ -775,7 +775,8 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
 
 def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
   """The stage's dataset: ``config.dataset``, tested on ``config.test_dataset`` (if set), standardised,
-  with ``config.held_out_classes`` split off as the retrieval set (if set)."""
+  restricted to ``config.classes`` (if set, relabelled 0..k-1), with ``config.held_out_classes`` (ids
+  after that relabelling) split off as the retrieval set (if set)."""
   num_classes = config.get("num_classes", 0) or None
   tfds_options = {"label_feature": config.get("label_feature", "label"),
                   "image_size": tuple(config.get("image_size", ())) or None}
@@ -786,6 +787,8 @@ def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
                                                         num_classes=num_classes, **tfds_options))
   if config.image_mean:
     dataset = kdata.standardize(dataset, config.image_mean, config.image_std)
+  if config.get("classes", ()):
+    dataset = kdata.keep_classes(dataset, config.classes)
   if config.held_out_classes:
     dataset = kdata.hold_out_classes(dataset, config.held_out_classes)
   return dataset

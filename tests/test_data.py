@@ -172,6 +172,25 @@ def test_bad_held_out_classes_are_named(classes, match):
     data.hold_out_classes(data.load("digits"), classes)
 
 
+def test_keep_classes_selects_and_relabels_train_and_test():
+  ds = data.load("digits")
+  target = data.keep_classes(ds, (9, 5, 7))
+  assert target.num_classes == 3 and target.retrieval is None
+  for full, kept in ((ds.train, target.train), (ds.test, target.test)):
+    want = np.flatnonzero(np.isin(np.asarray(full.labels), (5, 7, 9)))
+    images, labels = kept.get(np.arange(len(kept)))
+    want_images, want_labels = full.get(want)
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(np.array([5, 7, 9])[labels], want_labels)  # 5 -> 0, 7 -> 1, 9 -> 2
+
+
+@pytest.mark.parametrize("classes, match", [((10,), r"classes must be distinct class ids in \[0, 10\)"),
+                                            ((1, 1), "distinct"), ((), "at least one class")])
+def test_bad_kept_classes_are_named(classes, match):
+  with pytest.raises(ValueError, match=match):
+    data.keep_classes(data.load("digits"), classes)
+
+
 def test_a_held_out_class_with_one_test_example_is_refused(tmp_path):
   path = os.path.join(tmp_path, "few.npz")
   np.savez(path, x_train=np.zeros((6, 2, 2, 1)), y_train=np.array([0, 0, 1, 1, 2, 2]),

@@ -497,6 +497,14 @@ def test_held_out_classes_train_on_the_rest_and_write_retrieval_of_the_exported_
     train_and_evaluate(tiny_config(held_out_classes=(9,)), str(tmp_path / "no_feature"), progress=False)
 
 
+def test_classes_train_and_test_a_stage_on_those_classes_only(tmp_path):
+  result = train_and_evaluate(tiny_config(classes=(5, 6, 7, 8, 9)), str(tmp_path), progress=False)
+  assert ckpt.read_config(str(tmp_path))["num_classes"] == 5
+  digits = train.kdata.load("digits")
+  assert result["test_examples"] == int(np.sum(np.asarray(digits.test.labels) >= 5))
+  assert "retrieval" not in result
+
+
 def test_a_stage_trained_on_a_train_only_file_is_tested_on_test_dataset(tmp_path):
   digits = train.kdata.load("digits")
   path = str(tmp_path / "inputs.npz")

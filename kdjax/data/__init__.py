@@ -16,6 +16,7 @@ from kdjax.data.sources import (
     Dataset,
     SubsetSplit,
     hold_out_classes,
+    keep_classes,
     load,
     standardize,
     stratified_split,
@@ -23,5 +24,5 @@ from kdjax.data.sources import (
 )
 
 __all__ = ["BUILTIN", "BUILTIN_DESCRIPTIONS", "ClassBalancedBatches", "Dataset", "SubsetSplit", "TrainBatches",
-           "TransferSet", "epoch_order", "eval_batches", "hold_out_classes", "jitter_images", "load",
+           "TransferSet", "epoch_order", "eval_batches", "hold_out_classes", "jitter_images", "keep_classes", "load",
            "make_transfer_set", "prefetch", "standardize", "stratified_split", "with_test_split"]

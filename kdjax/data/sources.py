@@ -201,6 +201,41 @@ class SubsetSplit:
     return images, self._map(labels)
 
 
+def _class_ids(dataset: Dataset, classes, field: str) -> list[int]:
+  ids = [int(c) for c in classes]
+  bad = [c for c in ids if not 0 <= c < dataset.num_classes]
+  if bad or len(set(ids)) != len(ids):
+    raise ValueError(f"{field} must be distinct class ids in [0, {dataset.num_classes}) for dataset "
+                     f"{dataset.name!r}; got {tuple(classes)}")
+  return ids
+
+
+def _restrict(dataset: Dataset, seen: list[int], **extra) -> Dataset:
+  """``dataset`` with only the classes ``seen``, relabelled ``0 .. k-1`` in ascending order of their ids."""
+  seen = sorted(seen)
+  label_map = np.full(dataset.num_classes, -1, np.int64)
+  label_map[seen] = np.arange(len(seen))
+
+  def subset(split):
+    return SubsetSplit(split, np.flatnonzero(np.isin(np.asarray(split.labels), seen)), label_map)
+  return dataclasses.replace(dataset, num_classes=len(seen), train=subset(dataset.train),
+                             test=None if dataset.test is None else subset(dataset.test), **extra)
+
+
+def keep_classes(dataset: Dataset, classes) -> Dataset:
+  """Only the examples of ``classes`` (train and test), relabelled ``0 .. k-1`` in ascending order of their
+  original ids (``num_classes = k``): a source or target task carved out of one dataset (e.g. Knowledge
+  Projection's source classes 0–4 and target classes 5–9).
+
+  Raises:
+    ValueError: a class id outside ``[0, num_classes)``, repeated, or an empty selection.
+  """
+  kept = _class_ids(dataset, classes, "classes")
+  if not kept:
+    raise ValueError(f"classes must name at least one class of {dataset.name!r}; got an empty tuple")
+  return _restrict(dataset, kept)
+
+
 def hold_out_classes(dataset: Dataset, classes) -> Dataset:
   """An open-set split (person re-identification style): train and test on the other classes only.
 
@@ -212,29 +247,19 @@ def hold_out_classes(dataset: Dataset, classes) -> Dataset:
     ValueError: a class id outside ``[0, num_classes)`` or repeated, no seen class left, or a held-out
       class with fewer than 2 test examples (its queries would have no match).
   """
-  held = [int(c) for c in classes]
-  bad = [c for c in held if not 0 <= c < dataset.num_classes]
-  if bad or len(set(held)) != len(held):
-    raise ValueError(f"held_out_classes must be distinct class ids in [0, {dataset.num_classes}) for dataset "
-                     f"{dataset.name!r}; got {tuple(classes)}")
+  held = _class_ids(dataset, classes, "held_out_classes")
   seen = [c for c in range(dataset.num_classes) if c not in held]
   if not seen:
     raise ValueError(f"held_out_classes={tuple(classes)} leaves no class of {dataset.name!r} to train on")
   if dataset.test is None:
     raise ValueError(f"held_out_classes needs the test split of {dataset.name!r} (the retrieval set); it has none")
-  label_map = np.full(dataset.num_classes, -1, np.int64)
-  label_map[seen] = np.arange(len(seen))
-  train_labels, test_labels = np.asarray(dataset.train.labels), np.asarray(dataset.test.labels)
+  test_labels = np.asarray(dataset.test.labels)
   counts = {c: int(np.sum(test_labels == c)) for c in held}
   few = {c: n for c, n in counts.items() if n < 2}
   if few:
     raise ValueError(f"held-out class(es) {few} (class: test examples) of {dataset.name!r} have fewer than 2 test "
                      "examples; each retrieval query needs another example of its class")
-  return dataclasses.replace(
-      dataset, num_classes=len(seen),
-      train=SubsetSplit(dataset.train, np.flatnonzero(np.isin(train_labels, seen)), label_map),
-      test=SubsetSplit(dataset.test, np.flatnonzero(np.isin(test_labels, seen)), label_map),
-      retrieval=SubsetSplit(dataset.test, np.flatnonzero(np.isin(test_labels, held))))
+  return _restrict(dataset, seen, retrieval=SubsetSplit(dataset.test, np.flatnonzero(np.isin(test_labels, held))))
 
 
 def with_test_split(dataset: Dataset, test_dataset: Dataset) -> Dataset:

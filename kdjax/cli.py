@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
   rp.add_argument("--workdir", default=None, help="default runs/<paper>")
   rp.add_argument("--dataset", default=None, help="dataset for every stage (default: the paper config's)")
   rp.add_argument("--full", action="store_true", help="the paper's full-scale setting (TFDS data, paper nets)")
+  rp.add_argument("--protocol", default=None,
+                  help="one of the paper's further protocols, e.g. transfer_set (see `kdjax list papers`; "
+                       "default: its main protocol; default workdir runs/<paper>_<protocol>)")
   rp.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -73,6 +76,8 @@ def cmd_list(what: str) -> None:
     for key in kconfig.paper_keys():
       module = kconfig.load_module(kconfig.papers_dir() / key / "config.py")
       print(f"  {key:22s} {module.PAPER}")
+      for protocol in getattr(module, "PROTOCOLS", {}):
+        print(f"  {'':22s} also: kdjax reproduce {key} --protocol {protocol}")
   if what in ("methods", "all"):
     from kdjax.methods.objective import METHODS
     print("methods (--config.method=NAME; its fields are --config.loss.*):")
@@ -107,7 +112,7 @@ def cmd_train(args, overrides) -> None:
 def cmd_reproduce(args, overrides) -> None:
   from kdjax.reproduce import run_protocol
   run_protocol(args.paper, seeds=args.seeds, workdir=args.workdir, full=args.full, dataset=args.dataset,
-               overrides=overrides, progress=not args.no_progress)
+               overrides=overrides, protocol=args.protocol, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,7 @@ def default_stage_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.eval_batch_size = 500
+  c.report_train_accuracy = False  # also measure the exported model on its labelled training examples (eval mode)
   return c
 
 
@@ -118,6 +119,41 @@ def wrn_cifar10_recipe(config: ml_collections.ConfigDict, *, lr_drop_epochs=(60,
   config.lr_schedule = "step"
   config.lr_boundaries = tuple(e / config.num_epochs for e in lr_drop_epochs)
   config.lr_decay_factor = 0.2
+
+
+TRANSFER_SET_PREFIX = "transfer_"
+# The budget ladder of the transfer-set protocol (steps of batch 128), fixed before any of its runs: each
+# paper's budget is the first rung at which its student alone reaches >= 0.99 accuracy on its 1,000 labelled
+# training images (eval mode) on seed 0.
+TRANSFER_SET_LADDER = (300, 600, 1200, 2400, 4800)
+TRANSFER_SET_TRAIN_ACCURACY = 0.99
+
+
+def transfer_set_regime(config: ml_collections.ConfigDict, *, steps: int, distils: bool) -> None:
+  """The label-scarce transfer-set regime (PAPERS.md §0.4 run B, the soft-targets protocol), for students.
+
+  The same 1,000 labelled images as the label-only protocols, plus — for a stage whose loss has a
+  distillation term (``distils``) — the other training images as transfer inputs that carry only that term
+  (cross-entropy is masked to the labelled rows). A stage with no distillation term (the student alone, a
+  plain cross-entropy second stage) trains on the labelled images only: the unlabelled ones would carry no
+  loss. Every student sees ±2-px jittered inputs (the regime's jittered transfer inputs; the same for the
+  student alone, so augmentation is not what differs between rows), trains for ``steps`` steps, and reports
+  its accuracy on its labelled training images (the budget rule: ``TRANSFER_SET_LADDER``).
+  """
+  config.labelled_examples = 1000
+  config.include_unlabelled = distils
+  config.jitter = 2
+  config.num_epochs = 0
+  config.num_steps = int(steps)
+  config.report_train_accuracy = True
+
+
+def transfer_set_variant(variant: str, *, full: bool) -> str:
+  """The label-only variant a ``transfer_<variant>`` row is built from (the regime is small-scale only)."""
+  if full:
+    raise ValueError(f"{variant!r} belongs to the small-scale transfer-set protocol (mnist5k, 1,000 labels + "
+                     "3,000 transfer inputs); it has no ',full' setting")
+  return variant[len(TRANSFER_SET_PREFIX):]
 
 
 def parse_variant(arg: str, variants) -> tuple[str, bool]:

@@ -52,6 +52,20 @@ def load_paper(key: str):
   return kconfig.load_module(kconfig.papers_dir() / key / "config.py")
 
 
+DEFAULT_PROTOCOL = "default"
+
+
+def protocol_variants(paper, protocol: str | None = None) -> tuple[str, ...]:
+  """The variants protocol ``protocol`` of ``paper`` trains, in order: ``PROTOCOL`` for the default, else
+  ``PROTOCOLS[protocol]`` (a paper's further protocols, e.g. ``"transfer_set"``); an unknown name lists them."""
+  protocols = {DEFAULT_PROTOCOL: tuple(paper.PROTOCOL), **{k: tuple(v) for k, v in getattr(paper, "PROTOCOLS",
+                                                                                         {}).items()}}
+  name = protocol or DEFAULT_PROTOCOL
+  if name not in protocols:
+    raise unknown_name(f"protocol of {paper.PAPER!r}", name, list(protocols))
+  return protocols[name]
+
+
 def resolve_run_references(config, *, seed_dir: str, variant: str, done: tuple[str, ...]) -> None:
   """Replaces ``"@<variant>"`` and ``"@<variant>/<path>"`` by that run's folder (joined with ``path``).
 
@@ -108,7 +122,7 @@ def _dataset_facts(name: str) -> dict[str, Any] | None:
           "width": shape[1] if len(shape) == 3 else None, "classes": ds.num_classes, "shape": shape}
 
 
-def dataset_notice(paper, dataset: str, *, full: bool = False) -> list[str]:
+def dataset_notice(paper, dataset: str, *, full: bool = False, protocol: str | None = None) -> list[str]:
   """What ``kdjax reproduce --dataset`` keeps from a protocol designed for another dataset, as lines to print.
 
   The protocol's settings stay as written — jitter in pixels, the number of labelled examples, epochs or
@@ -116,7 +130,7 @@ def dataset_notice(paper, dataset: str, *, full: bool = False) -> list[str]:
   size and the chosen one's (``[]`` when ``dataset`` is the protocol's own).
   """
   suffix = ",full" if full else ""
-  configs = {v: paper.get_config(v + suffix) for v in paper.PROTOCOL}
+  configs = {v: paper.get_config(v + suffix) for v in protocol_variants(paper, protocol)}
   designed = next((c.dataset for c in configs.values() if not c.dataset.startswith("@")), None)
   if designed is None or dataset == designed:
     return []
@@ -167,25 +181,28 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: bool = False,
                  dataset: str | None = None, overrides: dict[str, str] | None = None,
-                 progress: bool = True, echo=print) -> dict[str, Any]:
-  """Runs paper ``key``'s protocol; returns (and writes to ``workdir/results.json``) the results."""
+                 protocol: str | None = None, progress: bool = True, echo=print) -> dict[str, Any]:
+  """Runs paper ``key``'s protocol (``protocol``: one of its ``PROTOCOLS``; default ``PROTOCOL``); returns
+  (and writes to ``workdir/results.json``) the results."""
   from kdjax.train import ensure_stage_fields, train_and_evaluate  # heavy imports only when training
   paper = load_paper(key)
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
-  workdir = workdir or os.path.join("runs", key + ("_full" if full else ""))
-  os.makedirs(workdir, exist_ok=True)
-  for index, variant in enumerate(paper.PROTOCOL):  # a bad "@<variant>" fails before any training
+  variants = protocol_variants(paper, protocol)
+  named = protocol not in (None, DEFAULT_PROTOCOL)
+  workdir = workdir or os.path.join("runs", key + (f"_{protocol}" if named else "") + ("_full" if full else ""))
+  for index, variant in enumerate(variants):  # a bad "@<variant>" or scale fails before any training
     resolve_run_references(paper.get_config(variant + (",full" if full else "")), seed_dir=workdir,
-                           variant=variant, done=tuple(paper.PROTOCOL[:index]))
+                           variant=variant, done=tuple(variants[:index]))
+  os.makedirs(workdir, exist_ok=True)
   if dataset:
-    for line in dataset_notice(paper, dataset, full=full):
+    for line in dataset_notice(paper, dataset, full=full, protocol=protocol):
       echo(line)
   runs: dict[str, dict[str, list]] = {}
   configs: dict[str, Any] = {}
   for seed in range(seeds):
     seed_dir = os.path.join(workdir, f"seed_{seed}")
-    for index, variant in enumerate(paper.PROTOCOL):
+    for index, variant in enumerate(variants):
       config = ensure_stage_fields(paper.get_config(variant + (",full" if full else "")))
       with config.unlocked():
         config.seed = seed
@@ -196,7 +213,7 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
           config.dataset = dataset
       kconfig.apply_overrides(config, overrides or {})
       stage_dir = os.path.join(seed_dir, variant)
-      resolve_run_references(config, seed_dir=seed_dir, variant=variant, done=tuple(paper.PROTOCOL[:index]))
+      resolve_run_references(config, seed_dir=seed_dir, variant=variant, done=tuple(variants[:index]))
       if needs_teacher(config.method, config.loss) and not config.teacher_workdir:
         config.teacher_workdir = os.path.join(seed_dir, "teacher")
       echo(f"[seed {seed}] {variant}: training in {stage_dir}")
@@ -207,6 +224,8 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
         run["test_accuracy"].append(result["test_accuracy"])
         run["test_errors"].append(result["test_errors"])
         run["test_examples"].append(result["test_examples"])
+      if "train_accuracy" in result:  # config.report_train_accuracy: accuracy on the labelled training images
+        run.setdefault("extra", {}).setdefault("train_accuracy", []).append(float(result["train_accuracy"]))
       for name, value in result.get("retrieval", {}).items():  # held-out-class retrieval
         if name != "queries":
           run.setdefault("retrieval", {}).setdefault(name, []).append(float(value))
@@ -223,7 +242,8 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
         run[f"{group}_stats"] = {name: _stats(values) for name, values in run[group].items()}
   results = {
       "paper": paper.PAPER, "paper_key": key,
-      "settings": {"seeds": seeds, "full": full, "dataset": dataset or configs[paper.PROTOCOL[0]]["dataset"],
+      "settings": {"seeds": seeds, "full": full, "dataset": dataset or configs[variants[0]]["dataset"],
+                   "protocol": protocol or DEFAULT_PROTOCOL,
                    "workdir": workdir, "overrides": overrides or {}, "configs": configs},
       "runs": runs,
       "paper_results": paper.PAPER_RESULTS,
@@ -245,8 +265,10 @@ def format_table(results: dict[str, Any]) -> str:
   s = results["settings"]
   has_extra = any("extra_stats" in run for run in results["runs"].values())
   has_retrieval = any("retrieval_stats" in run for run in results["runs"].values())
+  protocol = s.get("protocol", DEFAULT_PROTOCOL)
   lines = [f"{results['paper']} — measured by kdjax on `{s['dataset']}` over {s['seeds']} seed(s)"
-           f"{' (full scale)' if s['full'] else ' (small scale)'}; paper's numbers are the paper's own setting.",
+           + (f", protocol `{protocol}`" if protocol != DEFAULT_PROTOCOL else "")
+           + f"{' (full scale)' if s['full'] else ' (small scale)'}; paper's numbers are the paper's own setting.",
            "",
            "| run | measured test accuracy (mean ± std) | measured test errors (mean ± std) | "
            + ("measured held-out-class retrieval (mean ± std) | " if has_retrieval else "")

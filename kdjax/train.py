@@ -445,6 +445,11 @@ def evaluate(model: nn.Module, state: TrainState, split, mesh, *, batch_size: in
   return result
 
 
+def labelled_training_examples(transfer_set: kdata.TransferSet) -> kdata.SubsetSplit:
+  """The examples of ``transfer_set`` whose labels the stage may use (not the teacher-labelled rest)."""
+  return kdata.SubsetSplit(transfer_set.split, transfer_set.indices[np.asarray(transfer_set.label_mask) > 0])
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
@@ -566,7 +571,8 @@ def teacher_output(batch: Mapping[str, jax.Array], teacher_models: Sequence[nn.M
 
 # Fields that change only how a run is evaluated, logged or checkpointed, never what it computes: a resumed run may
 # change them (e.g. a smaller eval_batch_size after running out of memory at the evaluation).
-EVALUATION_ONLY_FIELDS = ("eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+EVALUATION_ONLY_FIELDS = ("eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                          "report_train_accuracy")
 # Entries setup_stage adds to config.json beyond the config's own fields; a run recorded before one of them existed
 # resumes without it being compared.
 RECORDED_FIELDS = ("data_fingerprint", "example_shape", "partial_teachers")
@@ -859,7 +865,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
 
   Returns:
     ``{"test_accuracy", "test_errors", "test_examples", "test_cross_entropy", "steps", "teacher_cached",
-    "train": {...last metrics}, "extra": {...}}``, also written to ``workdir/results.json``.
+    "train": {...last metrics}, "extra": {...}}`` (plus ``train_accuracy``/``train_examples`` with
+    ``config.report_train_accuracy``), also written to ``workdir/results.json``.
   """
   with ckpt.WorkdirLock(workdir):  # one run per work directory; a refused config leaves no trace
     return _train_and_evaluate_locked(config, workdir, mesh=mesh, progress=progress, callbacks=callbacks)
@@ -876,6 +883,10 @@ def _train_and_evaluate_locked(config, workdir, *, mesh, progress, callbacks) ->
       result = evaluate(setup.student, state, setup.dataset.test, setup.mesh, batch_size=config.eval_batch_size)
       summary = {"test_accuracy": result["accuracy"], "test_errors": result["errors"],
                  "test_examples": result["examples"], "test_cross_entropy": result["cross_entropy"]}
+      if config.get("report_train_accuracy", False):  # e.g. a protocol's "student alone fits its labels" budget
+        train = evaluate(setup.student, state, labelled_training_examples(setup.transfer_set), setup.mesh,
+                         batch_size=config.eval_batch_size)
+        summary.update(train_accuracy=train["accuracy"], train_examples=train["examples"])
       if setup.dataset.retrieval is not None:
         summary["retrieval"] = evaluate_retrieval(setup.student, state, setup.dataset.retrieval, setup.mesh,
                                                   feature=config.embedding_feature,

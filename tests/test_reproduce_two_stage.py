@@ -79,6 +79,51 @@ def test_plain_paths_are_left_alone():
   assert c.init_from == "runs/x/stage1" and c.teacher_workdir == "runs/a,w/seed_0/teacher"
 
 
+def test_a_named_protocol_runs_its_own_variants_and_reports_train_accuracy(tmp_path, monkeypatch):
+  paper = fake_paper()
+  base = paper.get_config
+
+  def get_config(variant):
+    c = base("teacher")
+    c.report_train_accuracy = variant == "alone"
+    return c
+  paper.get_config, paper.PROTOCOLS = get_config, {"short": ("teacher", "alone")}
+  monkeypatch.setattr(reproduce, "load_paper", lambda key: paper)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UnknownNameError, match="'long'; expected one of: default, short"):
+    reproduce.run_protocol("fake", seeds=1, protocol="long", progress=False, echo=lambda *a: None)
+  results = reproduce.run_protocol("fake", seeds=1, protocol="short", progress=False, echo=lambda *a: None)
+  assert set(results["runs"]) == {"teacher", "alone"} and results["settings"]["protocol"] == "short"
+  assert (tmp_path / "runs" / "fake_short" / "seed_0" / "alone" / "results.json").exists()
+  measured = json.loads((tmp_path / "runs/fake_short/seed_0/alone/results.json").read_text())["train_accuracy"]
+  assert results["runs"]["alone"]["extra"]["train_accuracy"] == [measured]
+  assert "train_accuracy" not in results["runs"]["teacher"].get("extra", {})
+  assert "protocol `short`" in (tmp_path / "runs/fake_short/results.md").read_text()
+
+
+@pytest.mark.parametrize("paper", ["fitnets", "fsp", "attention_transfer"])
+def test_transfer_set_protocols_follow_the_regime_and_reference_their_own_runs(paper):
+  from kdjax.config import TRANSFER_SET_LADDER
+  module = reproduce.load_paper(paper)
+  variants = reproduce.protocol_variants(module, "transfer_set")
+  assert variants[0] == "teacher" and module.TRANSFER_SET_STEPS in TRANSFER_SET_LADDER
+  teacher = module.get_config("teacher")
+  assert teacher.to_dict() == module.get_config("teacher").to_dict()  # the main protocol's teacher
+  for index, variant in enumerate(variants[1:], start=1):
+    c = module.get_config(variant)
+    base = module.get_config(variant[len("transfer_"):])
+    assert (c.dataset, c.labelled_examples, c.jitter, c.num_epochs) == ("mnist5k", 1000, 2, 0)
+    assert c.report_train_accuracy and 0 < c.num_steps <= module.TRANSFER_SET_STEPS
+    assert (c.model, c.method, c.learning_rate) == (base.model, base.method, base.learning_rate)
+    assert c.include_unlabelled == (c.method != "supervised")  # only a distillation term uses transfer inputs
+    if variant.endswith("student_alone"):
+      assert c.num_steps == module.TRANSFER_SET_STEPS
+    reproduce.resolve_run_references(c, seed_dir="w", variant=variant, done=variants[:index])
+    assert c.init_from in ("", "w/" + variants[index - 1])  # stage 2 starts from this protocol's stage 1
+    with pytest.raises(ValueError, match="no ',full' setting"):
+      module.get_config(variant + ",full")
+
+
 @pytest.mark.parametrize("paper", ["fitnets", "fsp", "attention_transfer"])
 def test_paper_protocols_build_and_reference_earlier_runs(paper):
   module = reproduce.load_paper(paper)

@@ -505,6 +505,21 @@ def test_classes_train_and_test_a_stage_on_those_classes_only(tmp_path):
   assert "retrieval" not in result
 
 
+def test_report_train_accuracy_measures_the_labelled_training_examples_only(tmp_path):
+  # 100 labelled digits plus the unlabelled rest as a transfer set: the reported train accuracy is the exported
+  # model's, in eval mode, on exactly those 100 examples (the transfer-set protocol's budget rule reads it).
+  config = tiny_config(labelled_examples=100, include_unlabelled=True, report_train_accuracy=True, split_seed=3)
+  result = train_and_evaluate(config, str(tmp_path), progress=False)
+  assert result["train_examples"] == 100
+  digits = train.kdata.load("digits")
+  labelled, _ = train.kdata.stratified_split(digits.train.labels, 100, seed=3)
+  images, labels = digits.train.get(np.sort(labelled))
+  variables, _ = params_of(tmp_path)
+  logits = models.apply_model(models.get("mlp", hidden=(32,), num_classes=10), variables, images).logits
+  assert result["train_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-6)
+  assert "train_accuracy" not in train_and_evaluate(tiny_config(), str(tmp_path / "off"), progress=False)
+
+
 def test_a_stage_trained_on_a_train_only_file_is_tested_on_test_dataset(tmp_path):
   digits = train.kdata.load("digits")
   path = str(tmp_path / "inputs.npz")

@@ -52,7 +52,14 @@ AT+KD 7.51%, teacher 6.31%.
 
 import ml_collections
 
-from kdjax.config import default_stage_config, parse_variant, wrn_cifar10_recipe
+from kdjax.config import (
+  TRANSFER_SET_PREFIX,
+  default_stage_config,
+  parse_variant,
+  transfer_set_regime,
+  transfer_set_variant,
+  wrn_cifar10_recipe,
+)
 
 PAPER = "Zagoruyko & Komodakis (ICLR 2017), Paying More Attention to Attention"
 # CIFAR-10 test accuracy the paper reports (Table 1, WRN-16-1 student <- WRN-16-2 teacher). Student,
@@ -72,9 +79,17 @@ PAPER_RESULTS.update({
 })
 ACTIVATION_VARIANTS = ("teacher", "student_alone", "student_at", "student_kd", "student_at_kd")
 GRADIENT_VARIANTS = ("teacher_mlp", "student_mlp_alone", "student_mlp_gradient_at", "student_mlp_flip")
-VARIANTS = ACTIVATION_VARIANTS + GRADIENT_VARIANTS
+# The transfer-set protocol (issue 11 §4; README "Transfer-set protocol"): the activation rows' students in the
+# soft-targets regime (kdjax.config.transfer_set_regime), distilling the same teacher.
+TRANSFER_VARIANTS = tuple(TRANSFER_SET_PREFIX + v for v in ACTIVATION_VARIANTS[1:])
+VARIANTS = ACTIVATION_VARIANTS + GRADIENT_VARIANTS + TRANSFER_VARIANTS
 # The reproduction protocol: which variants `kdjax reproduce` trains, in order.
-PROTOCOL = VARIANTS
+PROTOCOL = ACTIVATION_VARIANTS + GRADIENT_VARIANTS
+# `kdjax reproduce attention_transfer --protocol transfer_set`.
+PROTOCOLS = {"transfer_set": ("teacher",) + TRANSFER_VARIANTS}
+# Its step budget: the first rung of kdjax.config.TRANSFER_SET_LADDER at which transfer_student_alone reaches
+# >= 0.99 accuracy on its 1,000 labelled training images on seed 0 (calibration in the README).
+TRANSFER_SET_STEPS = 600
 
 AT_LAYERS = ("stage1", "stage2", "stage3")
 # Gradient AT: β = 10³ divided by the number of elements of the attention map J (per_element=True), the
@@ -119,6 +134,11 @@ def _gradient_config(variant: str, full: bool) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "student_at") -> ml_collections.ConfigDict:
   variant, full = parse_variant(arg, VARIANTS)
+  if variant in TRANSFER_VARIANTS:
+    base = transfer_set_variant(variant, full=full)
+    c = get_config(base)
+    transfer_set_regime(c, steps=TRANSFER_SET_STEPS, distils=base != "student_alone")
+    return c
   if variant in GRADIENT_VARIANTS:
     return _gradient_config(variant, full)
   c = default_stage_config()

@@ -48,7 +48,14 @@ test errors (10,000 images): teacher 0.55%, the FitNet by backprop 1.9%, by KD 0
 
 import ml_collections
 
-from kdjax.config import cifar_augmentation, default_stage_config, parse_variant
+from kdjax.config import (
+  TRANSFER_SET_PREFIX,
+  cifar_augmentation,
+  default_stage_config,
+  parse_variant,
+  transfer_set_regime,
+  transfer_set_variant,
+)
 
 PAPER = "Romero et al. (ICLR 2015), FitNets: Hints for Thin Deep Nets"
 # MNIST test errors the paper reports (§4.2, 10,000 test images; maxout teacher ~361K params, FitNet ~30K).
@@ -62,6 +69,15 @@ VARIANTS = ("teacher", "student_alone", "student_kd", "student_fitnet_stage1", "
             "student_fitnet_one_stage")
 # The reproduction protocol: which variants `kdjax reproduce` trains, in order.
 PROTOCOL = ("teacher", "student_alone", "student_kd", "student_fitnet_stage1", "student_fitnet")
+# The transfer-set protocol (issue 11 §4; README "Transfer-set protocol"): the protocol's students in the
+# soft-targets regime (kdjax.config.transfer_set_regime), distilling the same teacher.
+TRANSFER_VARIANTS = tuple(TRANSFER_SET_PREFIX + v for v in PROTOCOL[1:])
+VARIANTS += TRANSFER_VARIANTS
+PROTOCOLS = {"transfer_set": ("teacher",) + TRANSFER_VARIANTS}  # kdjax reproduce fitnets --protocol transfer_set
+# Its step budget: the first rung of kdjax.config.TRANSFER_SET_LADDER at which transfer_student_alone reaches
+# >= 0.99 accuracy on its 1,000 labelled training images on seed 0 (calibration in the README). Stage 1 gets
+# half of it, as the main protocol's 10 of 20 epochs.
+TRANSFER_SET_STEPS = 600
 
 GUIDED = "stage2"
 HINT = "stage2"
@@ -74,6 +90,15 @@ GUIDED_LAYERS = {
 
 def get_config(arg: str = "student_fitnet") -> ml_collections.ConfigDict:
   variant, full = parse_variant(arg, VARIANTS)
+  if variant in TRANSFER_VARIANTS:
+    base = transfer_set_variant(variant, full=full)
+    c = get_config(base)
+    stage1 = base == "student_fitnet_stage1"
+    transfer_set_regime(c, steps=TRANSFER_SET_STEPS // 2 if stage1 else TRANSFER_SET_STEPS,
+                        distils=base != "student_alone")
+    if c.init_from:
+      c.init_from = "@" + TRANSFER_SET_PREFIX + c.init_from[1:]
+    return c
   c = default_stage_config()
   c.checkpoint_every_steps = 1000
   c.lr_schedule = "cosine"

@@ -77,7 +77,7 @@ PROTOCOLS = {"transfer_set": ("teacher",) + TRANSFER_VARIANTS}  # kdjax reproduc
 # Its step budget: the first rung of kdjax.config.TRANSFER_SET_LADDER at which transfer_student_alone reaches
 # >= 0.99 accuracy on its 1,000 labelled training images on seed 0 (calibration in the README). Stage 1 gets
 # half of it, as the main protocol's 10 of 20 epochs.
-TRANSFER_SET_STEPS = 600
+TRANSFER_SET_STEPS = 300
 
 GUIDED = "stage2"
 HINT = "stage2"

@@ -109,6 +109,14 @@ METHODS: dict[str, MethodEntry] = {
     "neuron_selection": MethodEntry(
         "kdjax.methods.neuron_selection", "make_student_program", "default_student_config",
         "Luo et al. 2016 stage 2: regress the selected post-ReLU teacher neurons (or all/random; + soft labels)"),
+    "knowledge_projection_select": MethodEntry(
+        "kdjax.methods.knowledge_projection", "make_select_program", "default_select_config",
+        "Zhang et al. 2017 stage 1: choose the (teacher, student) injection pair by validation joint loss "
+        "(exports no model)"),
+    "knowledge_projection": MethodEntry(
+        "kdjax.methods.knowledge_projection", "make_stage_program", "default_loss_config",
+        "Zhang et al. 2017: teacher layer -> 1x1 projection -> student upper layers, trained jointly with the "
+        "student route and pruned away (route='hint': FitNets-style baseline)"),
 }
 
 

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kdjax.errors import MissingCheckpointError, UnfinishedRunError, WorkdirError, WorkdirInUseError
@@ -243,6 +244,15 @@ def unfinished_reasons(workdir: str, config: dict[str, Any] | None = None) -> li
   return reasons
 
 
+def host_array_target(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The tree of checkpoint ``step`` as empty host (numpy) arrays: restoring into it reads every array whole on
+  every process. Without a target Orbax would rebuild the saving run's device placement, which fails on another
+  device count ("Topology mismatch") and, in a multi-process run, on every process but the one holding those
+  devices ("no addressable shards")."""
+  metadata = manager.item_metadata(step)
+  return jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), getattr(metadata, "tree", metadata))
+
+
 def load_teacher_variables(workdir: str, *, require_finished: bool = False
                            ) -> tuple[dict[str, Any], dict[str, Any], int]:
   """Reads a run's model variables (its newest readable checkpoint), read-only.
@@ -270,11 +280,12 @@ def load_teacher_variables(workdir: str, *, require_finished: bool = False
       raise UnfinishedRunError(f"the run in {workdir!r} is not finished: {'; '.join(reasons)}. Finish it "
                                f"(run the same `kdjax train` command again; it resumes), or accept it as it is "
                                "with --config.allow_partial_teacher=true (recorded in this run's config.json)")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers=ocp.StandardCheckpointHandler())
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        restored = manager.restore(step, args=ocp.args.StandardRestore(host_array_target(manager, step)))
       except Exception as e:
         if not is_corrupt_checkpoint_error(e):
           raise

@@ -42,18 +42,31 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   return rest, overrides
 
 
+def _multihost_parser() -> argparse.ArgumentParser:
+  """The flags of a run over several processes (one per host); see kdjax.parallel.initialize_multihost."""
+  p = argparse.ArgumentParser(add_help=False)
+  g = p.add_argument_group("several hosts (one process per host, JAX's distributed runtime; give all three, or none "
+                           "under SLURM / Open MPI / Cloud TPU, where JAX reads them from the environment)")
+  g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                 help="process 0's address and a free port that every process can reach")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes")
+  g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's rank, 0..N-1")
+  return p
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="kdjax", description="Knowledge-distillation papers in JAX/Flax.")
+  multihost = _multihost_parser()
   sub = p.add_subparsers(dest="command", required=True)
   ls = sub.add_parser("list", help="show the papers, methods, datasets and models available")
   ls.add_argument("what", nargs="?", choices=["papers", "methods", "datasets", "models", "all"], default="all")
   tr = sub.add_parser("train", help="run one training stage (resumes from the workdir's checkpoints)",
-                      epilog="override any config field with --config.KEY=VALUE")
+                      parents=[multihost], epilog="override any config field with --config.KEY=VALUE")
   tr.add_argument("--config", required=True, help="papers/<key>/config.py[:variant]")
   tr.add_argument("--workdir", required=True, help="where checkpoints, metrics and results go")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
   rp = sub.add_parser("reproduce", help="run a paper's reproduction protocol over seeds",
-                      epilog="override any field of every stage with --config.KEY=VALUE")
+                      parents=[multihost], epilog="override any field of every stage with --config.KEY=VALUE")
   rp.add_argument("paper", help="paper key (see `kdjax list papers`)")
   rp.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
   rp.add_argument("--workdir", default=None, help="default runs/<paper>")
@@ -127,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(rest)
     if overrides and args.command == "list":
       raise ValueError("--config.* overrides apply to `train` and `reproduce` only")
+    if args.command != "list":  # before anything touches JAX's devices
+      from kdjax.parallel import initialize_multihost
+      initialize_multihost(args.coordinator_address, args.num_processes, args.process_id)
     if args.command == "list":
       cmd_list(args.what)
     elif args.command == "train":

@@ -84,7 +84,8 @@ def initialize_multihost(coordinator_address: str | None = None, num_processes: 
   * None given: ``jax.distributed.initialize()`` with no arguments when :func:`detect_cluster` finds SLURM, Open
     MPI or a Cloud TPU (JAX reads the coordinator, count and id from that environment); otherwise nothing
     happens (one process, every local device). ``JAX_COORDINATOR_PORT`` / ``JAX_LOCAL_DEVICE_IDS``, which JAX
-    reads, still apply.
+    reads, still apply. On a Cloud TPU, where the runtime is optional (libtpu joins a pod slice's workers
+    itself), a failure to start it is logged and the run continues.
 
   Cross-process collectives on CPU devices use gloo (``jax_cpu_collectives_implementation``), unless ``mpi``
   was chosen; GPUs and TPUs use their own (NCCL, ICI). After this call ``jax.devices()`` lists every process's
@@ -109,9 +110,10 @@ def initialize_multihost(coordinator_address: str | None = None, num_processes: 
                      f"got {', '.join(n for n in given if n not in missing)} without {', '.join(missing)}. Give all "
                      "three on every process, or none (under SLURM, Open MPI or on a Cloud TPU JAX reads them from "
                      "the environment)")
+  cluster = None
   if not missing:
     _check_multihost_arguments(coordinator_address, num_processes, process_id)
-  elif detect_cluster() is None:
+  elif (cluster := detect_cluster()) is None:
     return False
   arguments = (coordinator_address, num_processes, process_id)
   if jax.distributed.is_initialized():
@@ -126,12 +128,17 @@ def initialize_multihost(coordinator_address: str | None = None, num_processes: 
     else:
       jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                  process_id=process_id)
-  except RuntimeError as e:
-    if "must be called before" in str(e):
+  except Exception as e:  # noqa: BLE001 - re-raised, explained, or (Cloud TPU only) logged
+    if isinstance(e, RuntimeError) and "must be called before" in str(e):
       raise RuntimeError("the multi-process runtime must start before anything creates JAX's devices (an array, "
                          "jax.devices(), a jit call): call kdjax.parallel.initialize_multihost first thing in each "
                          f"process ({e})") from e
-    raise
+    if cluster != "tpu" or jax.distributed.is_initialized():
+      raise
+    # On Cloud TPU the runtime is optional: libtpu joins the workers of a pod slice by itself.
+    log.warning("jax.distributed.initialize() did not start on this Cloud TPU (%s: %s); continuing without it "
+                "(libtpu still joins the workers of a pod slice)", type(e).__name__, str(e)[:200])
+    return False
   _started_with[0] = arguments
   log.info("JAX process %d of %d: %d local device(s) of %d", jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())

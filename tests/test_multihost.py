@@ -228,11 +228,12 @@ def test_teacher_logit_cache_is_assembled_from_both_processes(runs):
   variables = params_of(runs["teacher"])["variables"]
   images, _ = transfer_set.split.get(transfer_set.indices)
   want = np.asarray(jax.jit(lambda v, x: models.apply_model(teacher, v, x, train=False).logits)(variables, images))
-  for i in range(PROCESSES):
-    cached = np.load(runs["records"] / f"run0_teacher_logits_{i}.npy")
-    assert cached.shape == (1, len(transfer_set), 10)
-    # Tolerance: one batch of 1,497 here against 10 batches of 160 there, which XLA may tile differently.
-    np.testing.assert_allclose(cached[0], want, rtol=1e-5, atol=1e-5, err_msg=f"process {i}")
+  cached = [np.load(runs["records"] / f"run0_teacher_logits_{i}.npy") for i in range(PROCESSES)]
+  assert cached[0].shape == (1, len(transfer_set), 10)  # [members, examples, classes]: the whole transfer set
+  np.testing.assert_array_equal(cached[0], cached[1])  # both processes hold the same gathered cache
+  # Tolerance: one batch of 1,497 here against 10 batches of 160 there, which XLA may tile differently. A batch
+  # from the wrong process or position would be off by whole logits.
+  np.testing.assert_allclose(cached[0][0], want, rtol=1e-5, atol=1e-5)
 
 
 # --- the command line's multi-process flags (no process is started) -------------------------------------------
@@ -272,3 +273,31 @@ def test_no_flags_outside_a_cluster_start_nothing(monkeypatch):
   monkeypatch.setattr(parallel, "_on_cloud_tpu_vm", lambda: False)
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("must not start the runtime"))
   assert parallel.initialize_multihost() is False
+
+
+def test_starting_the_runtime_after_jax_made_its_devices_is_explained():
+  assert jax.devices()  # the backend of this (pytest) process exists
+  with pytest.raises(RuntimeError, match="before anything creates JAX's devices.*first thing in each process"):
+    parallel.initialize_multihost("127.0.0.1:1", 1, 0)
+  assert not jax.distributed.is_initialized()
+
+
+def test_a_jaxlib_without_gloo_is_named(monkeypatch):
+  from jax._src.lib import _jax
+  monkeypatch.delattr(_jax, "make_gloo_tcp_collectives")
+  with pytest.raises(RuntimeError, match="no gloo collectives"):
+    parallel.initialize_multihost("127.0.0.1:1", 2, 0)
+
+
+@pytest.mark.parametrize("cluster", ["slurm", "tpu"])
+def test_a_runtime_that_cannot_start_fails_except_on_cloud_tpu_where_it_is_optional(cluster, monkeypatch, caplog):
+  def unreachable(*args, **kwargs):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(parallel, "detect_cluster", lambda: cluster)
+  monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+  if cluster == "tpu":  # libtpu joins a pod slice's workers by itself: log it and run on
+    assert parallel.initialize_multihost() is False
+    assert "did not start on this Cloud TPU (ValueError: coordinator_address" in caplog.text
+  else:
+    with pytest.raises(ValueError, match="coordinator_address"):
+      parallel.initialize_multihost()

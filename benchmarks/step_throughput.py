@@ -327,6 +327,8 @@ def main(argv=None) -> list[dict[str, Any]]:
 
   dev = device_description()
   on_cpu = dev["platform"] == "cpu"
+  if on_cpu:
+    onednn.prepare()  # built before anything is traced (kdjax train does the same); the trace never builds it
   round_steps = a.round_steps or (2 if on_cpu else 20)
   sync_every = a.sync_every or (1 if on_cpu else 10)
   mesh = parallel.make_mesh()

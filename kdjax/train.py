@@ -480,6 +480,7 @@ class Setup:
       and the step must not run the teacher (see :func:`teacher_output`).
     example: a zero input batch of one example, for initialisation.
     init_variables: layers copied from ``config.init_from`` (``None`` if not set).
+    kernels: what the layers compute with on this mesh (:func:`kdjax.models.kernels.describe`).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -494,6 +495,7 @@ class Setup:
   cached_teacher: bool
   example: jax.Array
   init_variables: dict[str, Any] | None
+  kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,6 +578,8 @@ EVALUATION_ONLY_FIELDS = ("eval_batch_size", "log_every_steps", "checkpoint_ever
 # Entries setup_stage adds to config.json beyond the config's own fields; a run recorded before one of them existed
 # resumes without it being compared.
 RECORDED_FIELDS = ("data_fingerprint", "example_shape", "partial_teachers")
+# Recorded in config.json but free to differ on resume (the log says so): what the layers computed with.
+NOTED_FIELDS = ("kernels",)
 # Config fields kdjax.config.default_stage_config may not define yet; setup adds them with these defaults.
 EXTRA_STAGE_FIELDS = {"allow_partial_teacher": False, "num_classes": 0}
 
@@ -695,7 +699,11 @@ def check_resumable(workdir: str, saved_config: dict[str, Any]) -> None:
     return
   defaults = json.loads(json.dumps({**config_to_dict(default_stage_config()), **EXTRA_STAGE_FIELDS}))
   previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
-  ignored = set(EVALUATION_ONLY_FIELDS) | {k for k in RECORDED_FIELDS if k not in previous}
+  ignored = set(EVALUATION_ONLY_FIELDS) | set(NOTED_FIELDS) | {k for k in RECORDED_FIELDS if k not in previous}
+  for key in NOTED_FIELDS:
+    if key in previous and previous[key] != saved_config.get(key):
+      log.warning("resuming %s on other kernels: %s was %s, now %s (results may differ in the last digits)",
+                  workdir, key, previous[key], saved_config.get(key))
   if previous.get("data_fingerprint", saved_config.get("data_fingerprint")) != saved_config.get("data_fingerprint"):
     raise ValueError(f"the data of {saved_config.get('dataset')!r} changed since the run in {workdir} started "
                      f"(data fingerprint {previous['data_fingerprint']} then, {saved_config['data_fingerprint']} "
@@ -729,6 +737,7 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   ckpt.check_workdir(workdir)
+  used_kernels = prepare_kernels(mesh)  # before anything below traces a model
 
   dataset = load_stage_dataset(config)
   transfer_set = kdata.make_transfer_set(dataset, labelled_examples=config.labelled_examples,
@@ -761,7 +770,8 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
     num_steps = config.num_epochs * (len(transfer_set) // config.batch_size)
   tx = make_optimizer(config, num_steps)  # bad optimizer/schedule fields fail before config.json is written
   saved_config = {**config_to_dict(config), "num_classes": dataset.num_classes, "num_steps": num_steps,
-                  "example_shape": list(dataset.example_shape), "data_fingerprint": data_fingerprint(dataset)}
+                  "example_shape": list(dataset.example_shape), "data_fingerprint": data_fingerprint(dataset),
+                  "kernels": used_kernels}
   if partial:
     saved_config["partial_teachers"] = partial
   saved_config = json.loads(json.dumps(saved_config))  # as it reads back (tuples become lists)
@@ -775,8 +785,24 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   setup = Setup(config=config, workdir=workdir, mesh=mesh, dataset=dataset, transfer_set=transfer_set,
                 student=student, teacher_models=teacher_models, teacher_variables=teacher_variables,
                 num_steps=num_steps, tx=tx, cached_teacher=cached,
-                example=jnp.zeros((1, *dataset.example_shape), jnp.float32), init_variables=init_variables)
+                example=jnp.zeros((1, *dataset.example_shape), jnp.float32), init_variables=init_variables,
+                kernels=used_kernels)
   return setup, program
+
+
+def mesh_platform(mesh) -> str:
+  return mesh.devices.flat[0].platform
+
+
+def prepare_kernels(mesh) -> dict[str, str]:
+  """Builds what the stage's layers will use before anything is traced (oneDNN on a one-CPU-device mesh) and
+  says what they compute with (:func:`kdjax.models.kernels.describe`, recorded in config.json/results.json)."""
+  from kdjax.models import kernels, onednn
+  platform = mesh_platform(mesh)
+  if platform == "cpu" and kernels.mode() == "auto" and mesh.size == 1 and onednn.active_policy() != "off":
+    onednn.prepare()
+  with kernels.platform(platform, devices=mesh.size):
+    return kernels.describe()
 
 
 def load_stage_dataset(config: ml_collections.ConfigDict) -> kdata.Dataset:
@@ -873,6 +899,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
 
 
 def _train_and_evaluate_locked(config, workdir, *, mesh, progress, callbacks) -> dict[str, Any]:
+  from kdjax.models import kernels
+  mesh = mesh or parallel.make_mesh()
+  with kernels.platform(mesh_platform(mesh), devices=mesh.size):  # every layer traced here: the mesh's kernels
+    return _run_stage(config, workdir, mesh=mesh, progress=progress, callbacks=callbacks)
+
+
+def _run_stage(config, workdir, *, mesh, progress, callbacks) -> dict[str, Any]:
   setup, program = setup_stage(config, workdir, mesh=mesh)
   state = program.init_state(setup)
   step = program.make_step(setup)
@@ -903,7 +936,7 @@ def _train_and_evaluate_locked(config, workdir, *, mesh, progress, callbacks) ->
              mesh=setup.mesh, evaluate=evaluate_stage, step_args=(teacher_variables,),
              checkpoint_every_steps=config.checkpoint_every_steps, log_every_steps=config.log_every_steps,
              keep_checkpoints=config.keep_checkpoints, progress=progress, callbacks=callbacks,
-             results={"teacher_cached": setup.cached_teacher})
+             results={"teacher_cached": setup.cached_teacher, "kernels": setup.kernels})
 
 
 def fit(state: Any, step: Callable, *, batches: Callable[[int], Iterable[dict[str, jax.Array]]], num_steps: int,

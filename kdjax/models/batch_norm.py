@@ -13,6 +13,11 @@ which autodiff writes as reductions over the broadcast axes). The same sum writt
 sum as such a product, and its hand-written VJP does the same for the backward pass; on other platforms
 (`jax.lax.platform_dependent`) it uses plain sums, because a float32 dot there may run in TF32.
 
+On the stock path (any non-CPU platform, or ``KDJAX_KERNELS=stock``; :mod:`kdjax.models.kernels`, decided at
+trace time) the training-mode statistics are plain means with no custom derivative rule — what
+``flax.linen.BatchNorm`` computes (its "fast variance" ``E[x²] − E[x]²``, clipped at 0) — so forward-mode
+autodiff works there.
+
 The backward rule is the textbook BatchNorm gradient (Ioffe & Szegedy 2015, §3) with batch statistics::
 
   x̂ = (x − μ) / σ,   y = γ x̂ + β
@@ -32,7 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["BatchNorm", "batch_norm_train", "channel_sums"]
+from kdjax.models import kernels
+
+__all__ = ["BatchNorm", "batch_norm_train", "batch_norm_train_stock", "channel_sums"]
 
 
 def _sums_by_dot(x2: jax.Array) -> jax.Array:
@@ -98,6 +105,15 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_forward, _batch_norm_bwd)  # _forward returns (outputs, residuals)
 
 
+def batch_norm_train_stock(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float = 1e-5):
+  """:func:`batch_norm_train` in stock JAX operations (Flax's statistics; autodiff in every mode)."""
+  x32 = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x32, axis=axes)
+  var = jnp.maximum(jnp.mean(x32 * x32, axis=axes) - mean * mean, 0.0)
+  return _normalize(x32, mean, jax.lax.rsqrt(var + epsilon), scale, bias), mean, var
+
+
 class BatchNorm(nn.Module):
   """``flax.linen.BatchNorm`` (feature axis −1) with CPU-fast batch statistics; see the module docstring.
 
@@ -134,7 +150,10 @@ class BatchNorm(nn.Module):
     if use_running_average:
       return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias).astype(out_dtype)
 
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if kernels.fast_paths():  # decided before the custom VJP is entered
+      y, mean, var = kernels.forward_mode_guard(batch_norm_train, x, scale, bias, self.epsilon)
+    else:
+      y, mean, var = batch_norm_train_stock(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       mean, var = jax.lax.stop_gradient((mean, var))
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean

@@ -1,5 +1,10 @@
 """2-D convolution of kdjax's models: oneDNN's kernels on CPU, else faster gradients for two slow cases.
 
+Everything below is the *CPU fast path*. It is taken only when :func:`kdjax.models.kernels.fast_paths` says
+so at trace time — a program for a CPU device, kernel mode ``auto`` — and otherwise (GPU, TPU, or
+``KDJAX_KERNELS=stock``) the convolution is exactly ``jax.lax.conv_general_dilated``, with no custom
+derivative rule, so forward-mode autodiff works there.
+
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated`` (pass it to
 ``flax.linen.Conv(conv_general_dilated=...)``). For a float32 NHWC/HWIO convolution without dilation or
 groups it first asks :func:`kdjax.models.onednn.use_for` — by default: a program on one CPU device with
@@ -23,11 +28,10 @@ slow (``benchmarks/README.md``, 64 × 32 × 32 inputs, 2 cores):
   the strided positions by an interior-padded ``lax.pad``.
 
 Everything else (other kernels, strides, paddings, dilations, grouped convolutions) goes to
-``jax.lax.conv_general_dilated`` unchanged, gradients included, and on other platforms than CPU
-(``jax.lax.platform_dependent``) both gradients are XLA's own. The backward rules are written in
+``jax.lax.conv_general_dilated`` unchanged, gradients included. The backward rules are written in
 differentiable JAX operations, so reverse-over-reverse differentiation (gradient-based attention
-transfer) works; forward-mode differentiation (``jax.jvp``) of these two cases is not available, as for
-any ``jax.custom_vjp`` function.
+transfer) works; forward-mode differentiation (``jax.jvp``) of the fast path is not available, as for
+any ``jax.custom_vjp`` function: the error says to trace with ``kernels.use("stock")``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kdjax.models import onednn
+from kdjax.models import kernels, onednn
 
 __all__ = ["Conv", "conv_general_dilated"]
 
@@ -151,7 +155,8 @@ def _fast_path(x_shape, w_shape, strides, padding) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
-  """``jax.lax.conv_general_dilated`` on oneDNN where it applies, else with faster gradients for two NHWC cases.
+  """``jax.lax.conv_general_dilated``; on the CPU fast path, oneDNN where it applies, else faster gradients for two
+  NHWC cases.
 
   See the module docstring.
 
@@ -159,7 +164,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   """
   simple = (_is_nhwc(dimension_numbers, lhs.ndim) and _plain(lhs_dilation) and _plain(rhs_dilation)
             and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None)
-  if simple:
+  if simple and kernels.fast_paths():  # decided before any custom VJP is entered
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
       pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
@@ -167,9 +172,9 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     if lhs.dtype == rhs.dtype and onednn.use_for(lhs.shape, rhs.shape, strides, pads, lhs.dtype):
-      return onednn.conv(lhs, rhs, strides, pads)
+      return kernels.forward_mode_guard(onednn.conv, lhs, rhs, strides, pads)
     if _fast_path(lhs.shape, rhs.shape, strides, pads):
-      return _conv2d(lhs, rhs, strides, pads, precision)
+      return kernels.forward_mode_guard(_conv2d, lhs, rhs, strides, pads, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, batch_group_count=batch_group_count,

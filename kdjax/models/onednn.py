@@ -10,10 +10,12 @@ input gradient 3.8×, filter gradient 1.1–1.9×) and on 1×1 filter gradients 
 * ``onednn_conv.cc`` (beside this file) defines three XLA FFI handlers — forward, backward-data and
   backward-weights convolution, float32, NHWC activations, HWIO kernels, any strides and explicit
   paddings — and caches one oneDNN primitive per shape.
-* It is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``) against jaxlib's FFI
-  headers and the ``onednn-cpu-gomp``/``onednn-devel-cpu-gomp`` wheels (kdjax's dependencies on Linux
-  x86-64), into ``$KDJAX_CACHE_DIR`` (default ``~/.cache/kdjax``), keyed by the source and versions, so
-  it is built once per machine (about 5 s).
+* It is compiled by :func:`prepare` — before anything is traced: ``kdjax train``/``reproduce`` call it when
+  they set up a stage, a library user calls it once — never from inside a trace, with the system C++
+  compiler (``$CXX``, else ``c++``) against jaxlib's FFI headers and the ``onednn-cpu-gomp``/
+  ``onednn-devel-cpu-gomp`` wheels (kdjax's dependencies on Linux x86-64), into ``$KDJAX_CACHE_DIR``
+  (default ``~/.cache/kdjax``), keyed by the source, the compiler and flags, and the jaxlib and oneDNN
+  versions, so it is built once per machine and per upgrade (about 5 s).
 * :func:`conv` and the two gradient functions form a closed set of ``jax.custom_vjp`` functions — the
   derivative of each is a combination of the others — so gradients of any order (gradient-based
   attention transfer differentiates through the input gradient) run on oneDNN too. ``jax.jvp`` is not
@@ -22,9 +24,10 @@ input gradient 3.8×, filter gradient 1.1–1.9×) and on 1×1 filter gradients 
 
 :func:`kdjax.models.conv.conv_general_dilated` (every kdjax model's convolution) calls it when
 :func:`use_for` says so: policy ``auto`` (the default) uses oneDNN for float32 NHWC convolutions when
-the program runs on a single CPU device. With several devices, a custom call inside a sharded program
-would be replicated rather than split by XLA's partitioner, so there XLA's own convolutions stay
-(several *host* devices on one CPU are a testing setup; they were also slower than one device using
+the program runs on a single CPU device and :func:`prepare` has loaded the library (a trace never builds
+it: unprepared, ``auto`` uses XLA's convolutions and warns once). With several devices, a custom call
+inside a sharded program would be replicated rather than split by XLA's partitioner, so there XLA's own
+convolutions stay (several *host* devices on one CPU are a testing setup; they were also slower than one device using
 every core). ``KDJAX_ONEDNN=0`` (or ``policy("off")``) turns it off; ``KDJAX_ONEDNN=1`` forces it,
 raising if it cannot be built. Where it cannot be built under ``auto`` (no compiler, no oneDNN wheel,
 another platform) kdjax warns once and uses XLA's convolutions; :func:`status` says why.
@@ -50,7 +53,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-__all__ = ["available", "conv", "conv_backward_data", "conv_backward_weights", "policy", "status", "use_for"]
+__all__ = ["active_policy", "available", "conv", "conv_backward_data", "conv_backward_weights", "policy", "prepare",
+           "status", "use_for", "would_use"]
 
 _SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 _HANDLERS = {"kdjax_onednn_conv_forward": "KdjaxOnednnConvForward",
@@ -101,11 +105,35 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
   return include, library
 
 
+def _version(distribution: str) -> str:
+  from importlib import metadata
+  try:
+    return metadata.version(distribution)
+  except metadata.PackageNotFoundError:
+    return ""
+
+
+def _onednn_identity(include: pathlib.Path) -> str:
+  """The oneDNN the library is built against: the wheels' versions and the version header's contents (a
+  ``$KDJAX_ONEDNN_ROOT`` install has no wheel), so an upgraded oneDNN gets its own build."""
+  header = include / "oneapi" / "dnnl" / "dnnl_version.h"
+  text = header.read_text() if header.exists() else ""
+  return "\0".join([_version("onednn-cpu-gomp"), _version("onednn-devel-cpu-gomp"), text])
+
+
 def _cache_dir() -> pathlib.Path:
   root = os.environ.get("KDJAX_CACHE_DIR")
   if not root:
     root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kdjax")
   return pathlib.Path(root) / "onednn"
+
+
+def _library_path(include: pathlib.Path, command: list[str]) -> pathlib.Path:
+  """Where the library built with ``command`` against the oneDNN at ``include`` is cached: the name hashes the
+  source, jaxlib's version, oneDNN's identity and the command, so a change to any of them builds anew."""
+  key = hashlib.sha256("\0".join([_SOURCE.read_text(), _version("jaxlib"), _onednn_identity(include), *command])
+                       .encode())
+  return _cache_dir() / f"libkdjax_onednn_{key.hexdigest()[:16]}.so"
 
 
 def _build() -> pathlib.Path:
@@ -119,9 +147,7 @@ def _build() -> pathlib.Path:
   jax_include = pathlib.Path(jax.ffi.include_dir())
   flags = ["-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax_include}", f"-I{include}"]
   link = [str(library), f"-Wl,-rpath,{library.parent}"]  # found again at load time through the rpath
-  from importlib.metadata import version
-  key = hashlib.sha256("\0".join([_SOURCE.read_text(), version("jaxlib"), cxx, *flags, *link]).encode())
-  target = _cache_dir() / f"libkdjax_onednn_{key.hexdigest()[:16]}.so"
+  target = _library_path(include, [cxx, *flags, *link])
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +195,18 @@ def _load() -> None:
     _loaded["version"] = f"{version // 10000}.{version // 100 % 100}.{version % 100}"
 
 
+def prepare() -> bool:
+  """Builds (once per machine) and loads the oneDNN convolutions, outside any trace; whether they are usable.
+
+  Call it before tracing a model that should use them (``kdjax train``/``reproduce`` do, when their program
+  runs on one CPU device); :func:`status` says why not when it returns False.
+  """
+  return available()
+
+
 def available() -> bool:
-  """Whether the oneDNN convolutions can be used in this process (builds them on the first call)."""
+  """Whether the oneDNN convolutions can be used in this process (builds them on the first call: call it,
+  or :func:`prepare`, outside a trace)."""
   try:
     _load()
   except OnednnUnavailableError:
@@ -192,6 +228,11 @@ def status() -> dict[str, str | None]:
 _policy_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdjax_onednn_policy", default=None)
 
 
+def active_policy() -> str:
+  """The policy in force: ``policy(...)``'s, else ``$KDJAX_ONEDNN``'s, else ``auto``."""
+  return _current_policy()
+
+
 def _current_policy() -> str:
   if _policy_override.get() is not None:
     return _policy_override.get()
@@ -209,6 +250,8 @@ def policy(mode: str) -> Iterator[None]:
   """
   if mode not in _POLICIES:
     raise ValueError(f"oneDNN policy {mode!r}: expected one of {', '.join(_POLICIES)}")
+  if mode == "on":
+    available()  # build now, outside the trace; if it cannot be built, use_for raises the reason
   token = _policy_override.set(mode)
   try:
     yield
@@ -219,8 +262,24 @@ def policy(mode: str) -> Iterator[None]:
 _warned: list[bool] = []
 
 
+def _not_prepared() -> str:
+  return ("the oneDNN convolutions were not built before tracing: call kdjax.models.onednn.prepare() first "
+          "(kdjax train and reproduce do)")
+
+
+def would_use(*, devices: int) -> bool:
+  """Whether a program on ``devices`` CPU device(s), traced now, would send float32 NHWC convolutions to oneDNN."""
+  mode = _current_policy()
+  if mode == "off" or (mode == "auto" and devices != 1):
+    return False
+  return "library" in _loaded
+
+
 def use_for(x_shape, w_shape, strides, padding, dtype) -> bool:
-  """Whether a convolution traced now, with these shapes (NHWC/HWIO) and dtype, goes to oneDNN."""
+  """Whether a convolution traced now, with these shapes (NHWC/HWIO) and dtype, goes to oneDNN.
+
+  Never builds the library (that is :func:`prepare`'s job, outside any trace).
+  """
   mode = _current_policy()
   if mode == "off":
     return False
@@ -229,18 +288,22 @@ def use_for(x_shape, w_shape, strides, padding, dtype) -> bool:
               and all(p >= 0 for pair in padding for p in pair)
               and all(o > 0 for o in _output_hw(x_shape, w_shape, strides, padding)))
   if mode == "auto":
-    devices = jax.devices()
-    if not (shape_ok and len(devices) == 1 and devices[0].platform == "cpu"):
+    from kdjax.models import kernels  # the program's platform and devices (the trainer's mesh), else the process's
+    if not (shape_ok and kernels.target_devices() == 1 and kernels.target_platform() == "cpu"):
       return False
-    if not available():
+    if "library" not in _loaded:
       if not _warned:
         _warned.append(True)
-        warnings.warn(f"kdjax: using XLA's CPU convolutions, not oneDNN's: {_loaded['error']}", stacklevel=3)
+        reason = _loaded["error"] if "error" in _loaded else _not_prepared()
+        warnings.warn(f"kdjax: using XLA's CPU convolutions, not oneDNN's: {reason}", stacklevel=3)
       return False
     return True
   if not shape_ok:
     return False
-  _load()  # "on": raise if it cannot be built
+  if "error" in _loaded:  # "on": the reason it could not be built
+    raise _loaded["error"]
+  if "library" not in _loaded:
+    raise OnednnUnavailableError(f"KDJAX_ONEDNN=1 / policy('on'): {_not_prepared()}")
   return True
 
 

@@ -208,8 +208,12 @@ def check_workdir(workdir: str) -> None:
 
 
 def write_config(workdir: str, config_dict: dict[str, Any]) -> None:
-  """Records the run's configuration (used to rebuild a teacher from its own run)."""
+  """Records the run's configuration (used to rebuild a teacher from its own run). Only JAX process 0 writes: the
+  processes of a multi-host run share the work directory, and two writers of one temporary file could each
+  rename it away from under the other."""
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, CONFIG_FILE)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -3,6 +3,7 @@ exposing named features through :mod:`kdjax.models.features`; build any of them 
 :func:`get`.
 """
 
+from kdjax.models import cheap as cheap
 from kdjax.models import cifar as cifar
 from kdjax.models import cnn as cnn
 from kdjax.models import conv as conv

@@ -103,12 +103,14 @@ def cmd_list(what: str) -> None:
     print(f"  {'<tfds name>':22s} any TFDS catalogue dataset you have prepared (mnist, cifar10, cifar100, ...)")
     print(f"  {'<path>.npz':22s} your own arrays x_train, y_train, x_test, y_test")
   if what in ("models", "all"):
-    print("models (--config.model=NAME): parameters at the default input size; features by name")
-    from kdjax.models.features import describe
+    print("models (--config.model=NAME): parameters and multiply-accumulates (conv + dense, one example) at the "
+          "default input size; features by name")
+    from kdjax.models.macs import describe_model
     for name in models.names():
       spec = models.spec(name)
-      count, feats = describe(spec.factory(), spec.input_shape)
-      print(f"  {name:22s} {count:>12,d} params  input {spec.input_shape}  {spec.description}")
+      count, feats, macs = describe_model(spec.factory(), spec.input_shape)
+      print(f"  {name:22s} {count:>12,d} params {macs / 1e6:>10,.1f}M MACs  input {spec.input_shape}  "
+            f"{spec.description}")
       print(f"  {'':22s} features: {', '.join(feats)}")
 
 

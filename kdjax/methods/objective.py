@@ -103,6 +103,9 @@ METHODS: dict[str, MethodEntry] = {
     "darkrank": MethodEntry(
         "kdjax.methods.darkrank", "make_stage_program", "default_loss_config",
         "Chen et al. 2018: metric learning on P x K batches + soft/hard transfer of the teacher's rankings"),
+    "moonshine": MethodEntry(
+        "kdjax.methods.moonshine", "make_objective", "default_loss_config",
+        "Crowley et al. 2018: cheap-convolution student (kdjax.models.cheap) + AT at every group, beta*3/n (+ old KD)"),
     "neuron_selection_select": MethodEntry(
         "kdjax.methods.neuron_selection", "make_select_program", "default_select_config",
         "Luo et al. 2016 stage 1: select teacher neurons by attribute AUC + decorrelation (exports no model)"),

@@ -55,7 +55,7 @@ import numpy as np
 from kdjax import models, parallel, train
 from kdjax.config import default_stage_config
 from kdjax.methods.objective import make_method
-from kdjax.models import onednn
+from kdjax.models import kernels, onednn
 
 # Stands, in a loss config below, for the pair's teacher model name (Rocket Launching's booster is trained
 # jointly with the student, so the "teacher" of a pair is built inside the method's step).
@@ -75,11 +75,53 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)
 
-# Dense (no sparsity) peak FLOP/s by device kind and dtype; see benchmarks/README.md for sources.
+# Dense (no sparsity) peak FLOP/s per chip by device kind (``jax.Device.device_kind``): ``bfloat16`` on the
+# tensor cores / MXUs, ``tf32`` on the tensor cores (what XLA runs float32 dots and convolutions with on
+# Ampere and later by default), ``float32`` without tensor cores. Vendor spec sheets, cited in
+# benchmarks/README.md ("Peak FLOP/s"); NVIDIA quotes tensor-core figures "with sparsity", i.e. twice the dense
+# figure, which is what is halved here. TPUs have no TF32 (float32 matmuls run as bf16 passes), hence no entry.
 PEAK_FLOPS = {
-    "NVIDIA H200": {"bfloat16": 989.4e12, "float32": 66.9e12, "tf32": 494.7e12},
+    "NVIDIA H200": {"bfloat16": 989.4e12, "float32": 66.9e12, "tf32": 494.7e12},  # SXM
     "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4e12, "float32": 66.9e12, "tf32": 494.7e12},  # SXM
+    "NVIDIA H100 PCIe": {"bfloat16": 756.5e12, "float32": 51.2e12, "tf32": 378e12},
+    "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12, "tf32": 156e12},  # SXM4 and PCIe, 40 and 80 GB
+    "NVIDIA L4": {"bfloat16": 121e12, "float32": 30.3e12, "tf32": 60e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},  # v5e
+    "TPU v5": {"bfloat16": 459e12},  # v5p
 }
+
+
+def peak_flops(device_kind: str) -> dict[str, float]:
+  """The :data:`PEAK_FLOPS` entry of ``device_kind``: the exact kind, else the longest key it starts with
+  followed by a non-alphanumeric character ("NVIDIA A100-SXM4-80GB" -> "NVIDIA A100"; "NVIDIA L40S" is not
+  "NVIDIA L4"; "TPU v5 lite" is not "TPU v5"); ``{}`` for an unknown chip."""
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  keys = [k for k in PEAK_FLOPS if device_kind.startswith(k) and not device_kind[len(k)].isalnum()]
+  return PEAK_FLOPS[max(keys, key=len)] if keys else {}
+
+
+def memory_stats() -> dict[str, Any] | None:
+  """``jax.Device.memory_stats()`` of the first device (``None`` where the backend has none, e.g. CPU)."""
+  try:
+    return jax.devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+    return None
+
+
+def program_bytes(compiled) -> int | None:
+  """Device bytes one execution of ``compiled`` needs by XLA's memory analysis (arguments + outputs +
+  temporaries - donated/aliased), on every backend; ``None`` where the analysis is unavailable."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if m is None:
+    return None
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - getattr(m, "alias_size_in_bytes", 0))
+  return int(total)
 
 
 def device_description() -> dict[str, Any]:
@@ -114,7 +156,16 @@ class Config:
   """One benchmarked step: compiled, warmed up, and able to run ``k`` more steps."""
 
   def __init__(self, *, name: str, method: str, teacher: str, student: str, batch: int, dtype: str,
-               mode: str, mesh, seed: int = 0, compile: bool = True):
+               mode: str, mesh, seed: int = 0, compile: bool = True, image_shape: tuple[int, ...] = IMAGE_SHAPE,
+               num_classes: int = NUM_CLASSES):
+    # Trace as `kdjax train` does: the layers take the mesh platform's kernels (stock lax convolutions and
+    # Flax-equivalent BatchNorm on GPU/TPU, the CPU fast paths on CPU).
+    with kernels.platform(mesh.devices.flat[0].platform, devices=mesh.size):
+      self._build(name=name, method=method, teacher=teacher, student=student, batch=batch, dtype=dtype, mode=mode,
+                  mesh=mesh, seed=seed, compile=compile, image_shape=tuple(image_shape), num_classes=num_classes)
+
+  def _build(self, *, name, method, teacher, student, batch, dtype, mode, mesh, seed, compile, image_shape,
+             num_classes):
     self.record: dict[str, Any] = {"method": name, "objective": method, "teacher": teacher, "student": student,
                                    "batch": batch, "dtype": dtype, "mode": mode, "framework": "kdjax"}
     self.batch_size = batch
@@ -127,16 +178,16 @@ class Config:
     # Every method's step as `kdjax train` builds it: the shared distillation step for an Objective, the
     # paper's own stage program otherwise (Rocket Launching, adversarial KD, gradient-based AT).
     program = train.as_program(make_method(method, loss))
-    student_model = models.get(student, num_classes=NUM_CLASSES)
+    student_model = models.get(student, num_classes=num_classes)
     teacher_models, teacher_vars = (), ()
-    example = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    example = jnp.zeros((1, *image_shape), jnp.float32)
     if mode == "live" and program.needs_teacher:
-      tm = models.get(teacher, num_classes=NUM_CLASSES)
+      tm = models.get(teacher, num_classes=num_classes)
       teacher_models = (tm,)
       teacher_vars = (tm.init(jax.random.PRNGKey(seed + 1), example, train=False),)
     cfg.seed = seed
     # No data is read: the stage programs only ask the dataset for its class count and example shape.
-    dataset = types.SimpleNamespace(num_classes=NUM_CLASSES, example_shape=IMAGE_SHAPE, test=None)
+    dataset = types.SimpleNamespace(num_classes=num_classes, example_shape=image_shape, test=None)
     setup = train.Setup(config=cfg, workdir="", mesh=mesh, dataset=dataset, transfer_set=None, student=student_model,
                         teacher_models=list(teacher_models), teacher_variables=list(teacher_vars), num_steps=1000,
                         tx=tx, cached_teacher=mode == "cached", example=example, init_variables=None)
@@ -149,11 +200,11 @@ class Config:
       state = state.replace(params=params, aux_params=aux, opt_state=tx.init((params, aux)))
       teacher_vars = _cast(teacher_vars, dt)
     rng = np.random.default_rng(seed)
-    host = {"image": rng.standard_normal((batch, *IMAGE_SHAPE)).astype(dt),
-            "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+    host = {"image": rng.standard_normal((batch, *image_shape)).astype(dt),
+            "label": rng.integers(0, num_classes, batch).astype(np.int32),
             "label_mask": np.ones(batch, np.float32)}
     if mode == "cached":
-      host["teacher_logits"] = rng.standard_normal((batch, 1, NUM_CLASSES)).astype(np.float32)
+      host["teacher_logits"] = rng.standard_normal((batch, 1, num_classes)).astype(np.float32)
     step = program.make_step(setup)
     self.state = parallel.replicate(state, mesh)
     self.batch = parallel.shard_batch(host, mesh)
@@ -182,6 +233,7 @@ class Config:
     else:
       self.record["flops_per_step"] = step_flops(compiled if on_cpu else lowered)
       self.record["flops_source"] = "compiled" if on_cpu else "lowered (pre-optimisation HLO)"
+    self.record["program_bytes"] = program_bytes(compiled)
     self.step = compiled
     self.times: list[float] = []
 
@@ -375,7 +427,7 @@ def main(argv=None) -> list[dict[str, Any]]:
   dtype = jnp.dtype(a.dtype)
   matmul_n = a.matmul_size or (2048 if on_cpu else 8192)
   matmul = time_matmul(matmul_n, dtype, repeats=5 if on_cpu else 10)
-  peaks = next((v for k, v in PEAK_FLOPS.items() if k in dev["device"] or dev["device"] in k), {})
+  peaks = peak_flops(dev["device"])
   peak = peaks.get(a.dtype)
   records = []
   for cfg in configs:

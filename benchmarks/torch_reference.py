@@ -18,6 +18,20 @@ default CPU convolution path (oneDNN) in NCHW float32 with all cores (``torch.ge
 ``--serve`` turns it into a worker driven over stdin/stdout by ``step_throughput.py
 --torch-python``, which interleaves timing rounds of this step with kdjax's so both see the same
 machine load.
+
+``--serve-many`` is the worker of ``accelerator_table.py``: one process builds any number of steps
+(:class:`TableStep`: teacher/student by name — the CIFAR ResNets above and the ImageNet ResNet-18/50,
+torchvision's if it is importable, else :class:`ImageNetResNet` written from the ResNet paper's
+description with torchvision's "v1.5" stride placement, as kdjax's — at any batch, image size and class
+count; KD with a live teacher, KD from cached logits, the plain student step, or the teacher forward alone;
+on CUDA or CPU; bfloat16 autocast, channels-last memory format and ``torch.compile`` as options) and times
+them on request, one JSON line in and out per request::
+
+  {"op": "build", "id": 3, "spec": {"teacher": "resnet50", "student": "resnet18", "batch": 128,
+   "image_size": 224, "num_classes": 1000, "mode": "live", "device": "cuda", "amp_bf16": true,
+   "channels_last": true, "compile": false}}          -> {"id": 3, "ready": true, "info": {...}} or {"error": ...}
+  {"op": "run", "id": 3, "steps": 10, "sync_every": 10} -> {"times": [seconds per step, one per group]}
+  {"op": "quit"}
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -120,9 +135,182 @@ class KDStep:
     return out
 
 
+class ImageNetBlock(nn.Module):
+  """torchvision's ResNet blocks: basic (two 3x3) or bottleneck (1x1, 3x3 with the stride — "v1.5" —, 1x1 x4),
+  post-activation, 1x1-conv+BN projection shortcut when the shape changes."""
+
+  def __init__(self, cin: int, width: int, stride: int, bottleneck: bool):
+    super().__init__()
+    cout = width * (4 if bottleneck else 1)
+    if bottleneck:
+      layers = [nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+    else:
+      layers = [nn.Conv2d(cin, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)]
+    self.body = nn.Sequential(*layers)
+    self.proj = None
+    if stride != 1 or cin != cout:
+      self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+  def forward(self, x):
+    return F.relu(self.body(x) + (x if self.proj is None else self.proj(x)))
+
+
+class ImageNetResNet(nn.Module):
+  """ImageNet ResNet (He et al. 2016, Table 1): 7x7/2 conv-BN-ReLU, 3x3/2 max pool, four stages 64..512 wide
+  (stride 1, 2, 2, 2), global average pool, one linear layer."""
+
+  def __init__(self, blocks, bottleneck: bool, num_classes: int = 1000):
+    super().__init__()
+    self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                              nn.MaxPool2d(3, 2, 1))
+    layers, cin = [], 64
+    for stage, n in enumerate(blocks):
+      width = 64 * 2**stage
+      for i in range(n):
+        layers.append(ImageNetBlock(cin, width, 2 if stage > 0 and i == 0 else 1, bottleneck))
+        cin = width * (4 if bottleneck else 1)
+    self.blocks = nn.Sequential(*layers)
+    self.fc = nn.Linear(cin, num_classes)
+
+  def forward(self, x):
+    return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def make_model(name: str, num_classes: int) -> nn.Module:
+  """A model by kdjax's zoo name; ``ValueError`` for names this reference does not implement."""
+  cifar = {"resnet8x4": 8, "resnet32x4": 32}
+  if name in cifar:
+    return CifarResNet(cifar[name], num_classes=num_classes)
+  imagenet = {"resnet18": ([2, 2, 2, 2], False), "resnet34_imagenet": ([3, 4, 6, 3], False),
+              "resnet50": ([3, 4, 6, 3], True)}
+  if name in imagenet:
+    try:
+      import torchvision  # noqa: PLC0415 - optional
+      return getattr(torchvision.models, name.replace("_imagenet", ""))(num_classes=num_classes)
+    except ImportError:
+      return ImageNetResNet(*imagenet[name], num_classes=num_classes)
+  raise ValueError(f"torch_reference has no model {name!r}; it implements {', '.join([*cifar, *imagenet])}")
+
+
+class TableStep:
+  """One configuration of ``accelerator_table.py``'s PyTorch rows (see the module docstring for ``spec``).
+
+  The KD loss is RepDistiller's (above), computed in float32 on the logits; under ``amp_bf16`` the models run
+  in ``torch.autocast(dtype=torch.bfloat16)`` with float32 parameters and optimizer state (PyTorch's mixed
+  precision; kdjax's bfloat16 rows keep parameters in bfloat16 too). ``compile`` wraps the models and the
+  loss in ``torch.compile`` (default mode); the optimizer step stays eager (``foreach`` SGD).
+  """
+
+  def __init__(self, *, teacher: str | None, student: str, batch: int, image_size: int, num_classes: int,
+               mode: str, device: str = "cpu", amp_bf16: bool = False, channels_last: bool = False,
+               compile: bool = False, seed: int = 0):
+    if mode not in ("live", "cached", "student_only", "teacher_forward"):
+      raise ValueError(f"mode {mode!r}: expected live, cached, student_only or teacher_forward")
+    torch.manual_seed(seed)
+    self.device, self.mode, self.amp = torch.device(device), mode, amp_bf16
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = np.random.default_rng(seed)
+    self.x = torch.from_numpy(gen.standard_normal((batch, 3, image_size, image_size), np.float32)).to(
+        self.device).contiguous(memory_format=fmt)
+    self.y = torch.from_numpy(gen.integers(0, num_classes, batch)).to(self.device)
+    self.cached = torch.from_numpy(gen.standard_normal((batch, num_classes), np.float32)).to(self.device)
+    self.teacher = self.student = None
+    if mode in ("live", "teacher_forward"):
+      self.teacher = make_model(teacher, num_classes).to(self.device, memory_format=fmt).eval()
+    if mode != "teacher_forward":
+      self.student = make_model(student, num_classes).to(self.device, memory_format=fmt).train()
+      self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    self.loss_fn = kd_loss
+    if compile:
+      self.teacher = torch.compile(self.teacher) if self.teacher is not None else None
+      self.student = torch.compile(self.student) if self.student is not None else None
+      self.loss_fn = torch.compile(kd_loss)
+
+  def _autocast(self):
+    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+  def __call__(self):
+    if self.mode == "teacher_forward":
+      with torch.no_grad(), self._autocast():
+        return self.teacher(self.x)
+    with self._autocast():
+      if self.mode == "live":
+        with torch.no_grad():
+          t = self.teacher(self.x)
+      s = self.student(self.x)
+    if self.mode == "student_only":
+      loss = F.cross_entropy(s.float(), self.y)
+    else:
+      loss = self.loss_fn(s.float(), (t if self.mode == "live" else self.cached).float(), self.y)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    return loss
+
+  def sync(self, out) -> None:
+    if self.device.type == "cuda":
+      torch.cuda.synchronize(self.device)
+    else:
+      out.sum().item()
+
+  def time(self, steps: int, sync_every: int) -> list[float]:
+    """Seconds per step, one value per group of ``sync_every`` steps dispatched between host syncs."""
+    times, done = [], 0
+    while done < steps:
+      n = min(sync_every, steps - done)
+      t0 = time.perf_counter()
+      for _ in range(n):
+        out = self()
+      self.sync(out)
+      times.append((time.perf_counter() - t0) / n)
+      done += n
+    return times
+
+
+def serve_many(warmup: int) -> None:
+  """The ``--serve-many`` loop (module docstring)."""
+  steps: dict[int, TableStep] = {}
+  torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms (warm-up excluded)
+  for line in sys.stdin:
+    req = json.loads(line)
+    try:
+      if req["op"] == "quit":
+        break
+      if req["op"] == "build":
+        spec = dict(req["spec"])
+        cuda = spec.get("device") == "cuda"
+        before = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+          torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step = TableStep(**spec)
+        step.sync(step())  # the first call compiles (torch.compile) and warms up cuDNN's algorithm choice
+        for _ in range(warmup):
+          out = step()
+        step.sync(out)
+        steps[req["id"]] = step
+        peak = torch.cuda.max_memory_allocated() - before if cuda else None
+        print(json.dumps({"id": req["id"], "ready": True, "build_s": time.perf_counter() - t0,
+                          "peak_memory_bytes": peak, "info": info()}), flush=True)
+      elif req["op"] == "run":
+        print(json.dumps({"times": steps[req["id"]].time(int(req["steps"]), int(req.get("sync_every", 1)))}),
+              flush=True)
+      else:
+        raise ValueError(f"unknown op {req['op']!r}")
+    except Exception as e:  # noqa: BLE001 - reported to the driver, which leaves the row out and says why
+      print(json.dumps({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}),
+            flush=True)
+
+
 def info() -> dict:
-  return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-          "mkldnn": bool(torch.backends.mkldnn.is_available())}
+  out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+         "mkldnn": bool(torch.backends.mkldnn.is_available()), "cuda": torch.cuda.is_available()}
+  if torch.cuda.is_available():
+    out.update(cuda_device=torch.cuda.get_device_name(0), cudnn=torch.backends.cudnn.version())
+  return out
 
 
 def main() -> None:
@@ -132,7 +320,11 @@ def main() -> None:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--student-only", action="store_true")
   p.add_argument("--serve", action="store_true", help="worker mode: read step counts on stdin")
+  p.add_argument("--serve-many", action="store_true", help="accelerator_table.py's worker (module docstring)")
   a = p.parse_args()
+  if a.serve_many:
+    serve_many(a.warmup)
+    return
   step = KDStep(a.batch, a.student_only)
   for _ in range(a.warmup):
     step()

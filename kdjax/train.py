@@ -531,6 +531,8 @@ class StageProgram:
     stage_length: ``stage_length(config, dataset, transfer_set) -> int``, the stage's number of steps
       when ``config.num_steps`` is 0 (e.g. one batch per class, or classes × optimisation steps), so a
       user need not work it out; ``None``: ``num_epochs`` passes over the transfer set.
+    teacher_features_only: the stage reads only the teacher's intermediate features, never its logits, so a
+      teacher trained on other classes (another task: Knowledge Projection's source task) is accepted.
   """
   init_state: Callable[[Setup], Any]
   make_step: Callable[[Setup], Callable]
@@ -540,6 +542,7 @@ class StageProgram:
   batches: Callable[[Setup], Callable[[int], Iterator[dict[str, jax.Array]]]] | None = None
   exports_model: bool = True
   stage_length: Callable[[ml_collections.ConfigDict, kdata.Dataset, kdata.TransferSet], int] | None = None
+  teacher_features_only: bool = False
 
 
 def objective_program(objective: Objective) -> StageProgram:
@@ -751,7 +754,7 @@ def setup_stage(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -
   if program.needs_teacher:
     teacher_models, teacher_variables = load_teachers(
         config.teacher_workdir, allow_partial=config.allow_partial_teacher, example_shape=dataset.example_shape,
-        num_classes=dataset.num_classes)
+        num_classes=None if program.teacher_features_only else dataset.num_classes)
   init_variables = None
   if config.init_from:
     init_variables = load_layers(config.init_from, tuple(config.init_layers),

@@ -297,3 +297,18 @@ def test_full_config_smoke(tmp_path):
     result = ktrain.train_and_evaluate(c, dirs[variant], progress=False)
     assert result["steps"] == 2
   assert result["extra"]["teacher_layer"] in ("stage1", "stage2", "stage3")
+
+
+def test_a_teacher_of_a_source_task_with_another_class_count_is_accepted(teacher_dir, tmp_path):
+  # KP reads only the teacher's features (StageProgram.teacher_features_only): a 5-class source-task teacher
+  # guides a 3-class target student; a logit-based method is still refused that teacher.
+  loss = {**kp.default_loss_config(), "pair": "block_1=block_1"}
+  c = _student_config(teacher_dir, "knowledge_projection", loss, num_steps=1)
+  c.classes = (5, 6, 7)
+  result = ktrain.train_and_evaluate(c, str(tmp_path / "kp3"), progress=False)
+  labels = np.asarray(kdata.load("digits").test.labels)
+  assert result["test_examples"] == int(np.sum((labels >= 5) & (labels <= 7)))
+  kd = _student_config(teacher_dir, "soft_targets", {}, num_steps=1)
+  kd.classes = (5, 6, 7)
+  with pytest.raises(ValueError, match="outputs 5 classes, but this stage's dataset has 3"):
+    ktrain.train_and_evaluate(kd, str(tmp_path / "kd3"), progress=False)

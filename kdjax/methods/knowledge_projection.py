@@ -551,7 +551,8 @@ def make_stage_program(*, pair: str, route: str, lam: float, route_pruning: str,
           np.mean(kernel != 0)), "projection_route_test_accuracy": _route_accuracy(setup, r, host)})
     return extra
 
-  return ktrain.StageProgram(init_state, make_step, needs_teacher=True, cacheable_teacher=False, evaluate=evaluate)
+  return ktrain.StageProgram(init_state, make_step, needs_teacher=True, cacheable_teacher=False, evaluate=evaluate,
+                             teacher_features_only=True)
 
 
 def _route_accuracy(setup, r: _Route, host) -> float:
@@ -698,4 +699,4 @@ def make_select_program(*, candidates: Sequence[str], lam: float, mu: float, val
     return extra
 
   return ktrain.StageProgram(init_state, make_step, needs_teacher=True, cacheable_teacher=False, evaluate=evaluate,
-                             batches=batches, exports_model=False)
+                             batches=batches, exports_model=False, teacher_features_only=True)

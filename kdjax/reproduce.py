@@ -248,9 +248,12 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
       "runs": runs,
       "paper_results": paper.PAPER_RESULTS,
   }
+  table = format_table(results)
+  import jax
+  if jax.process_index() != 0:  # several hosts share the work directory: one writer
+    return results
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  table = format_table(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   echo(table)

@@ -107,7 +107,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, examp
   subtrees by top-level layer name) replace the fresh layers of the same names (two-stage methods).
   """
   init_key, step_key, aux_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-  variables = model.init({"params": init_key, "dropout": init_key}, example_input, train=False)
+  # One compiled program: op by op, init compiles each layer's operations separately (tens of small compiles
+  # per stage, most of a short test's time).
+  variables = jax.jit(lambda key, x: model.init({"params": key, "dropout": key}, x, train=False))(init_key,
+                                                                                                   example_input)
   params, batch_stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
   if init_variables:
     params.update(init_variables.get("params", {}))

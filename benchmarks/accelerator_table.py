@@ -226,6 +226,25 @@ def largest_batch(fits: Callable[[int], bool], start: int, *, cap: int, multiple
   return {"largest": good, "first_failing": bad, "capped": bad is None, "tried": tried}
 
 
+def batch_fits(group: Group, mode: str, batch: int, dtype: str, mesh) -> bool:
+  """Whether ``mode``'s step of ``group``'s pair compiles and runs one step at ``batch`` without running out of
+  device memory; any other error propagates."""
+  name, method = MODE_METHODS[mode]
+  try:
+    cfg = st.Config(name=name, method=method, teacher=group.teacher if mode != "student_only" else None,
+                    student=group.student, batch=batch, dtype=dtype, mode=mode, mesh=mesh,
+                    image_shape=group.image_shape, num_classes=group.num_classes)
+    cfg.warmup(1)
+    del cfg
+    return True
+  except Exception as e:  # noqa: BLE001 - only an out-of-memory error means "does not fit"
+    if not is_out_of_memory(e):
+      raise
+    return False
+  finally:
+    gc.collect()
+
+
 def default_groups(a, device_count: int) -> list[Group]:
   groups = []
   for pair in [p for p in a.cifar_pairs.split(",") if p]:
@@ -457,9 +476,15 @@ def main(argv=None) -> dict[str, Any]:
                             f"{worst['batch']})", "measured": worst["ratio"], "op": "≤",
                     "target": TARGETS["live_teacher_overhead"]})
 
-  # The largest batch that fits, per (pair, input, mode), after the timings so its attempts disturb none of them.
+  # The largest batch that fits, per (pair, input, mode), after the timings so its attempts disturb none of them,
+  # and with the timed rows' device buffers released so that they do not take memory from it.
   largest: list[dict[str, Any]] = []
   if search_max:
+    for c in rows:
+      for attr in ("state", "batch", "teacher_args", "step", "variables", "image", "fn"):
+        if hasattr(c, attr):
+          setattr(c, attr, None)
+    gc.collect()
     search_modes = [m for m in a.max_batch_modes.split(",") if m in modes]
     seen = set()
     for g in groups:
@@ -469,22 +494,8 @@ def main(argv=None) -> dict[str, Any]:
       seen.add(pair_key)
       start = max(h.batch for h in groups if (h.kind, h.teacher, h.student, h.image_size) == pair_key)
       for mode in search_modes:
-        name, method = MODE_METHODS[mode]
-
-        def fits(b: int, g=g, mode=mode, name=name, method=method) -> bool:
-          try:
-            cfg = st.Config(name=name, method=method, teacher=g.teacher if mode != "student_only" else None,
-                            student=g.student, batch=b, dtype=a.dtype, mode=mode, mesh=mesh,
-                            image_shape=g.image_shape, num_classes=g.num_classes)
-            cfg.warmup(1)
-            del cfg
-            return True
-          except Exception as e:  # noqa: BLE001 - only an out-of-memory error means "does not fit"
-            if not is_out_of_memory(e):
-              raise
-            return False
-          finally:
-            gc.collect()
+        def fits(b: int, g=g, mode=mode) -> bool:
+          return batch_fits(g, mode, b, a.dtype, mesh)
 
         t0 = time.perf_counter()
         found = largest_batch(fits, start, cap=start * 2**a.max_batch_doublings, multiple=mesh.size,

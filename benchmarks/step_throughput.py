@@ -83,7 +83,7 @@ IMAGE_SHAPE = (32, 32, 3)
 PEAK_FLOPS = {
     "NVIDIA H200": {"bfloat16": 989.4e12, "float32": 66.9e12, "tf32": 494.7e12},  # SXM
     "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4e12, "float32": 66.9e12, "tf32": 494.7e12},  # SXM
-    "NVIDIA H100 PCIe": {"bfloat16": 756.5e12, "float32": 51.2e12, "tf32": 378e12},
+    "NVIDIA H100 PCIe": {"bfloat16": 756.5e12, "float32": 51e12, "tf32": 378e12},
     "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12, "tf32": 156e12},  # SXM4 and PCIe, 40 and 80 GB
     "NVIDIA L4": {"bfloat16": 121e12, "float32": 30.3e12, "tf32": 60e12},
     "TPU v4": {"bfloat16": 275e12},

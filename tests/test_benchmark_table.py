@@ -44,17 +44,27 @@ def table(tmp_path_factory):
   worker = tmp / "fake_worker.py"
   worker.write_text(FAKE_WORKER)
   out = tmp / "cpu.json"
+  # A limit of batch 8 stands in for the device's memory in the largest-batch search (``batch_fits`` itself
+  # compiles and runs the step; its out-of-memory test, ``is_out_of_memory``, is checked below).
+  tried = []
+
+  def fits(group, mode, batch, dtype, mesh):
+    tried.append((group.student, mode, batch, dtype, mesh.size))
+    return batch <= 8
+
   # One group (the ImageNet-shaped one, where the issue's PyTorch targets apply) keeps compilation short.
-  result = at.main(["--out", str(out), "--cifar-pairs", "", "--imagenet-pairs", "small_cnn:small_cnn",
-                    "--imagenet-batches", "8",
-                    "--imagenet-size", "16", "--imagenet-classes", "10", "--dtype", "float32", "--steps", "2",
-                    "--round-steps", "1", "--warmup", "1", "--matmul-size", "64", "--torch-python", sys.executable,
-                    "--torch-worker", str(worker), "--torch-compile-groups", "all"])
-  return result, out
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(at, "batch_fits", fits)
+    result = at.main(["--out", str(out), "--cifar-pairs", "", "--imagenet-pairs", "small_cnn:small_cnn",
+                      "--imagenet-batches", "8", "--imagenet-size", "16", "--imagenet-classes", "10",
+                      "--dtype", "float32", "--steps", "2", "--round-steps", "1", "--warmup", "1",
+                      "--matmul-size", "64", "--torch-python", sys.executable, "--torch-worker", str(worker),
+                      "--torch-compile-groups", "all", "--max-batch"])
+  return result, out, tried
 
 
 def test_json_has_every_row_ratio_and_overhead(table):
-  result, out = table
+  result, out, _ = table
   on_disk = json.loads(out.read_text())
   assert on_disk["rows"] == json.loads(json.dumps(result["rows"]))
   rows = on_disk["rows"]
@@ -84,11 +94,11 @@ def test_json_has_every_row_ratio_and_overhead(table):
   assert any("ImageNet-shaped KD step" in w and "eager" in w for w in what)
   assert any("ImageNet-shaped KD step" in w and "compile" in w for w in what)
   assert any("live-teacher overhead" in w for w in what)
-  assert on_disk["largest_batch"] == [] and any("Largest batch: not searched" in n for n in on_disk["notes"])
+  assert not any("Largest batch: not searched" in n for n in on_disk["notes"])
 
 
 def test_markdown_table(table):
-  _, out = table
+  _, out, _ = table
   md = out.with_suffix(".md").read_text()
   assert "| pair | input | batch | mode | framework | img/s |" in md
   body = [line for line in md.splitlines() if line.startswith("| small_cnn") or line.startswith("| – → small_cnn")]
@@ -121,3 +131,17 @@ def test_peak_flops_lookup():
   assert st.peak_flops("TPU v5 lite")["bfloat16"] == 197e12  # v5e, not v5p
   assert st.peak_flops("TPU v5")["bfloat16"] == 459e12
   assert st.peak_flops("cpu") == {}
+
+
+def test_largest_batch_column(table):
+  """--max-batch: 8 fits, 16 does not; the bisection's midpoint 12 is not a multiple of the 8 devices, so the
+  search stops there; only the live row (--max-batch-modes) is searched."""
+  result, out, tried = table
+  (found,) = result["largest_batch"]
+  assert [tuple(t) for t in found["tried"]] == [(8, True), (16, False)]
+  assert tried == [("small_cnn", "live", 8, "float32", 8), ("small_cnn", "live", 16, "float32", 8)]
+  rows = {r["mode"]: r for r in result["rows"] if r["framework"] == "kdjax"}
+  assert rows["live"]["largest_batch"] == {"largest": 8, "first_failing": 16, "capped": False}
+  assert "largest_batch" not in rows["student_only"]
+  live_line = next(line for line in out.with_suffix(".md").read_text().splitlines() if "| live | kdjax |" in line)
+  assert live_line.split("|")[13].strip() == "8"  # the largest-batch column

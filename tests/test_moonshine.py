@@ -312,6 +312,7 @@ def _tiny(c, path, steps=2):
   return c
 
 
+@pytest.mark.slow  # three stages compiled: 374 s measured on the loaded 2-core machine (load average 12)
 def test_small_config_smoke(tmp_path):
   """teacher then ``g4_at`` (AT at the three groups) then ``dw_scratch``, two steps each, on 28×28×1 noise."""
   rng = np.random.default_rng(0)
@@ -330,6 +331,7 @@ def test_small_config_smoke(tmp_path):
   assert result["steps"] == 2
 
 
+@pytest.mark.slow  # two WRN stages compiled: 242 s measured on the loaded 2-core machine
 def test_full_config_smoke(tmp_path):
   """``teacher,full`` and ``bg2_4_at,full`` (SGD recipe, crops/flips) for 2 steps on tiny CIFAR-shaped inputs;
   WRN-40-2 is cut to depth 10 through model_kwargs to keep the compile short."""

@@ -110,10 +110,16 @@ class TeacherForward:
 
       lowered = jax.jit(forward).lower(self.variables, self.image)
       compiled = lowered.compile()
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    flops = st.step_flops(compiled if on_cpu else lowered)
-    self.record.update(flops_per_step=flops or None, program_bytes=st.program_bytes(compiled),
-                       flops_source="compiled" if on_cpu else "lowered (pre-optimisation HLO)")
+      # FLOPs from the lowered program (backend-independent; the compiled one misses cuDNN's convolutions on
+      # GPU), and, where oneDNN custom calls hide the convolutions from XLA's analysis, from the same forward
+      # lowered with XLA's own convolutions (as step_throughput.Config does for the steps).
+      source = "lowered (pre-optimisation HLO)"
+      if "kdjax_onednn_conv" in lowered.as_text():
+        with onednn.policy("off"):
+          lowered = jax.jit(lambda *args: forward(*args)).lower(self.variables, self.image)
+        source += " with XLA's convolutions"
+    flops = st.step_flops(lowered)
+    self.record.update(flops_per_step=flops or None, program_bytes=st.program_bytes(compiled), flops_source=source)
     self.fn = compiled
     self.times: list[float] = []
 
@@ -268,7 +274,7 @@ def _bytes(x, na: str = "n/a") -> str:
 def markdown(table: dict[str, Any]) -> str:
   """The README-ready Markdown of a table (:func:`main`'s JSON)."""
   dev, s = table["device"], table["settings"]
-  peaks = table["peak_flops_per_s"]
+  peaks = table["peak_flops_per_s_all_devices"]
   def tflops(x):
     return "–" if x is None else f"{x / 1e12:.1f}"
 
@@ -276,8 +282,9 @@ def markdown(table: dict[str, Any]) -> str:
            f"{dev['jax']}, kernels: {table['kernels']['convolution']} / {table['kernels']['batch_norm']}; dtype "
            f"{s['dtype']}; {s['steps']} timed steps per row in {s['rounds']} interleaved rounds, host sync every "
            f"{s['sync_every']} steps; matmul {s['matmul_size']}² {s['dtype']}: "
-           f"{table['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s; dense peaks: bf16 {tflops(peaks.get('bfloat16'))} "
-           f"TFLOP/s, TF32 {tflops(peaks.get('tf32'))} TFLOP/s.", "",
+           f"{table['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s (one device); dense peaks of the {dev['device_count']} "
+           f"device(s): bf16 {tflops(peaks.get('bfloat16'))} TFLOP/s, TF32 {tflops(peaks.get('tf32'))} TFLOP/s. "
+           "FLOPs are the whole step's (all devices).", "",
            "| pair | input | batch | mode | framework | img/s | step (ms) | TFLOP/s | of bf16 peak | of TF32 peak | "
            "device peak mem | program mem | largest batch | kdjax ÷ eager | kdjax ÷ compile |",
            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -365,7 +372,8 @@ def main(argv=None) -> dict[str, Any]:
   round_steps = a.round_steps or (2 if on_cpu else 10)
   sync_every = a.sync_every or (1 if on_cpu else 10)
   search_max = (not on_cpu) if a.max_batch is None else a.max_batch
-  peaks = st.peak_flops(dev["device"])
+  # The peaks of all the devices the step runs on (the FLOP counts are the whole step's).
+  peaks = {k: v * jax.device_count() for k, v in st.peak_flops(dev["device"]).items()}
   with kernels.platform(platform, devices=mesh.size):
     used_kernels = kernels.describe()
   groups = default_groups(a, mesh.size)
@@ -388,6 +396,11 @@ def main(argv=None) -> dict[str, Any]:
                       student=g.student, batch=g.batch, dtype=a.dtype, mode=mode, mesh=mesh,
                       image_shape=g.image_shape, num_classes=g.num_classes)
       cfg.record.update(g.key, teacher=g.teacher if mode != "student_only" else None)
+      # The whole step's FLOPs over all devices: the lowered program's count (the compiled count of a program
+      # sharded over several devices is one device's share; on one CPU device the two agree to 0.2%).
+      cfg.record["flops_per_step"] = cfg.lowered_flops or None
+      cfg.record["flops_source"] = ("lowered (pre-optimisation HLO), the whole step"
+                                    + (" with XLA's convolutions" if cfg.record.get("onednn_convolutions") else ""))
       cfg.warmup(a.warmup)
       cfg.record["peak_bytes_in_use"] = mem_peak()
       print(f"# built {mode:15s} {g.teacher}->{g.student} {g.image_size}² batch {g.batch}: "
@@ -436,7 +449,7 @@ def main(argv=None) -> dict[str, Any]:
   matmul = st.time_matmul(matmul_n, jnp.dtype(a.dtype), repeats=5 if on_cpu else 10)
   records = []
   for cfg in rows:
-    rec = st.summarize(cfg, matmul, peaks.get(a.dtype))
+    rec = st.summarize(cfg, matmul * jax.device_count(), peaks.get(a.dtype))  # the matmul rate of all devices
     if not rec.get("flops_per_step"):  # XLA's analysis returned nothing (PyTorch rows have no count)
       rec["flops_per_step"] = None
       st._set_rates(rec, None, None)
@@ -529,7 +542,7 @@ def main(argv=None) -> dict[str, Any]:
   if not search_max:
     notes.append("Largest batch: not searched in this run.")
   table = {
-      "device": dev, "kernels": used_kernels, "peak_flops_per_s": peaks, "matmul_flops_per_s": matmul,
+      "device": dev, "kernels": used_kernels, "peak_flops_per_s_all_devices": peaks, "matmul_flops_per_s": matmul,
       "settings": {"dtype": a.dtype, "steps": rounds * round_steps, "rounds": rounds, "round_steps": round_steps,
                    "sync_every": sync_every, "warmup": a.warmup, "matmul_size": matmul_n, "modes": modes,
                    "torch_variants": variants if a.torch_python else [],

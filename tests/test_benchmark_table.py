@@ -63,6 +63,7 @@ def table(tmp_path_factory):
   return result, out, tried
 
 
+@pytest.mark.slow  # one shared end-to-end table run (~30 s of compiles): benchmarks, not library behaviour
 def test_json_has_every_row_ratio_and_overhead(table):
   result, out, _ = table
   on_disk = json.loads(out.read_text())
@@ -99,6 +100,7 @@ def test_json_has_every_row_ratio_and_overhead(table):
   assert not any("Largest batch: not searched" in n for n in on_disk["notes"])
 
 
+@pytest.mark.slow  # one shared end-to-end table run (~30 s of compiles): benchmarks, not library behaviour
 def test_markdown_table(table):
   _, out, _ = table
   md = out.with_suffix(".md").read_text()
@@ -135,6 +137,7 @@ def test_peak_flops_lookup():
   assert st.peak_flops("cpu") == {}
 
 
+@pytest.mark.slow  # one shared end-to-end table run (~30 s of compiles): benchmarks, not library behaviour
 def test_largest_batch_column(table):
   """--max-batch: 8 fits, 16 does not; the bisection's midpoint 12 is not a multiple of the 8 devices, so the
   search stops there; only the live row (--max-batch-modes) is searched."""

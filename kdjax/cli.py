@@ -88,9 +88,8 @@ def cmd_list(what: str) -> None:
     print("papers (kdjax reproduce KEY):")
     for key in kconfig.paper_keys():
       module = kconfig.load_module(kconfig.papers_dir() / key / "config.py")
-      print(f"  {key:22s} {module.PAPER}")
-      for protocol in getattr(module, "PROTOCOLS", {}):
-        print(f"  {'':22s} also: kdjax reproduce {key} --protocol {protocol}")
+      further = ", ".join(getattr(module, "PROTOCOLS", {}))  # one line per paper: its key comes first
+      print(f"  {key:22s} {module.PAPER}" + (f" (also --protocol {further})" if further else ""))
   if what in ("methods", "all"):
     from kdjax.methods.objective import METHODS
     print("methods (--config.method=NAME; its fields are --config.loss.*):")

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
   tr.add_argument("--config", required=True, help="papers/<key>/config.py[:variant]")
   tr.add_argument("--workdir", required=True, help="where checkpoints, metrics and results go")
   tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+  tr.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                  help="keep compiled programs in DIR for later runs (default: $KDJAX_COMPILATION_CACHE, else off)")
   rp = sub.add_parser("reproduce", help="run a paper's reproduction protocol over seeds",
                       parents=[multihost], epilog="override any field of every stage with --config.KEY=VALUE")
   rp.add_argument("paper", help="paper key (see `kdjax list papers`)")
@@ -76,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                   help="one of the paper's further protocols, e.g. transfer_set (see `kdjax list papers`; "
                        "default: its main protocol; default workdir runs/<paper>_<protocol>)")
   rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+  rp.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                  help="keep compiled programs in DIR, so later seeds skip compiling (default: "
+                       "$KDJAX_COMPILATION_CACHE, else <workdir>/compilation_cache)")
   return p
 
 
@@ -119,12 +124,22 @@ def cmd_train(args, overrides) -> None:
   from kdjax.train import ensure_stage_fields, train_and_evaluate
   config = ensure_stage_fields(load_config(args.config))
   apply_overrides(config, overrides)
+  use_compilation_cache(args.compilation_cache, None)
   result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
   print(f"{args.workdir}: {describe_result(result)} after {result['steps']} steps")
 
 
+def use_compilation_cache(flag: str | None, default: str | None) -> None:
+  from kdjax import compilation_cache
+  directory = compilation_cache.choose(flag, default)
+  if directory is not None:
+    logging.getLogger("kdjax").info("compilation cache: %s", compilation_cache.enable(directory))
+
+
 def cmd_reproduce(args, overrides) -> None:
-  from kdjax.reproduce import run_protocol
+  from kdjax.reproduce import default_workdir, run_protocol
+  use_compilation_cache(args.compilation_cache, os.path.join(
+      args.workdir or default_workdir(args.paper, protocol=args.protocol, full=args.full), "compilation_cache"))
   run_protocol(args.paper, seeds=args.seeds, workdir=args.workdir, full=args.full, dataset=args.dataset,
                overrides=overrides, protocol=args.protocol, progress=not args.no_progress)
 

@@ -179,6 +179,12 @@ def _stats(values: list[float]) -> dict[str, float]:
   return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def default_workdir(key: str, *, protocol: str | None = None, full: bool = False) -> str:
+  """``runs/<paper>[_<protocol>][_full]``: where ``kdjax reproduce`` writes when not given ``--workdir``."""
+  named = protocol not in (None, DEFAULT_PROTOCOL)
+  return os.path.join("runs", key + (f"_{protocol}" if named else "") + ("_full" if full else ""))
+
+
 def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: bool = False,
                  dataset: str | None = None, overrides: dict[str, str] | None = None,
                  protocol: str | None = None, progress: bool = True, echo=print) -> dict[str, Any]:
@@ -189,8 +195,7 @@ def run_protocol(key: str, *, seeds: int = 3, workdir: str | None = None, full: 
   if seeds < 1:
     raise ValueError(f"--seeds must be >= 1, got {seeds}")
   variants = protocol_variants(paper, protocol)
-  named = protocol not in (None, DEFAULT_PROTOCOL)
-  workdir = workdir or os.path.join("runs", key + (f"_{protocol}" if named else "") + ("_full" if full else ""))
+  workdir = workdir or default_workdir(key, protocol=protocol, full=full)
   for index, variant in enumerate(variants):  # a bad "@<variant>" or scale fails before any training
     resolve_run_references(paper.get_config(variant + (",full" if full else "")), seed_dir=workdir,
                            variant=variant, done=tuple(variants[:index]))

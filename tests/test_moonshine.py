@@ -291,13 +291,16 @@ def test_protocol_configs():
   paper = reproduce.load_paper("moonshine")
   teacher = paper.get_config("teacher")
   assert teacher.labelled_examples == 1000 and not teacher.include_unlabelled and teacher.jitter == 2
+  # one recipe for the teacher and its students, as in the paper
+  assert teacher.num_steps == paper.STEPS and teacher.learning_rate == paper.LEARNING_RATE
   for block in paper.BLOCKS:
     scratch, student = paper.get_config(f"{block}_scratch"), paper.get_config(f"{block}_at")
     assert scratch.model == student.model == f"{teacher.model}_{block}"
     assert not scratch.include_unlabelled and student.include_unlabelled and scratch.method == "supervised"
     assert student.method == "moonshine" and student.teacher_workdir == "@teacher" and student.loss.beta == 1000.0
-    assert scratch.num_steps == student.num_steps == paper.TRANSFER_SET_STEPS
+    assert scratch.num_steps == student.num_steps == paper.STEPS
     assert scratch.jitter == student.jitter == 2 and scratch.learning_rate == student.learning_rate == 3e-3
+  assert set(paper.PROTOCOL) <= set(paper.VARIANTS) and paper.PROTOCOL[0] == "teacher"
   full = paper.get_config("g4_at,full")
   assert full.model == "wrn_40_2_g4" and full.optimizer == "sgd" and full.num_epochs == 200
   imagenet = paper.get_config("imagenet_dw_at,full")

@@ -134,6 +134,8 @@ def use_compilation_cache(flag: str | None, default: str | None) -> None:
   directory = compilation_cache.choose(flag, default)
   if directory is not None:
     logging.getLogger("kdjax").info("compilation cache: %s", compilation_cache.enable(directory))
+  elif flag is not None or os.environ.get(compilation_cache.ENV_VAR):  # asked for "off"
+    compilation_cache.disable()
 
 
 def cmd_reproduce(args, overrides) -> None:

@@ -9,7 +9,7 @@ the JAX/XLA versions, so a hit runs the very executable a miss would have built:
 
 ``kdjax reproduce`` turns it on in ``<workdir>/compilation_cache`` unless told otherwise; ``kdjax train``
 only when asked. ``--compilation-cache DIR`` (or the ``KDJAX_COMPILATION_CACHE`` environment variable) names a
-directory to share between runs; ``off`` turns it off.
+directory to share between runs; ``off`` turns it off (even one JAX's own ``JAX_COMPILATION_CACHE_DIR`` set).
 """
 
 from __future__ import annotations
@@ -45,3 +45,9 @@ def enable(directory: str) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return path
+
+
+def disable() -> None:
+  """Turns JAX's persistent compilation cache off (also one set by ``JAX_COMPILATION_CACHE_DIR``)."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", None)

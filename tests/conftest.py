@@ -15,6 +15,23 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Many tests compile the same tiny programs (the same small model's step, the same evaluation): one persistent
+# compilation cache for the whole run (kdjax.compilation_cache), shared by pytest-xdist's workers, which
+# inherit the directory the controlling process chose, and deleted when the run ends. A hit runs the very
+# executable a miss would build (tests/test_compilation_cache.py), so no result depends on it. Set before
+# JAX is imported: JAX reads the setting at its first compilation.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_RUN_CACHE = "KDJAX_TEST_RUN_COMPILATION_CACHE"
+_OWNS_RUN_CACHE = _RUN_CACHE not in os.environ  # the controlling process (or a run without xdist)
+if _OWNS_RUN_CACHE:
+  os.environ[_RUN_CACHE] = tempfile.mkdtemp(prefix="kdjax-tests-compilation-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_RUN_CACHE]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+os.environ["KDJAX_COMPILATION_CACHE"] = os.environ[_RUN_CACHE]  # in-process `kdjax` commands use the same one
+
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -59,6 +76,11 @@ def assert_pairs_match_golden(g: dict[str, np.ndarray], per_pair, loss, grads) -
 def golden():
   """Fixture form of :func:`load_golden`."""
   return load_golden
+
+
+def pytest_unconfigure(config):
+  if _OWNS_RUN_CACHE:
+    shutil.rmtree(os.environ[_RUN_CACHE], ignore_errors=True)
 
 
 # --- shared helpers of the stage tests ------------------------------------------------------------------------

@@ -64,11 +64,12 @@ def one_step(method, loss, mesh):
 
 
 @pytest.mark.parametrize("method, loss", [
+    # the default run keeps one method (the sharded feature-regression step); the slow run checks the rest
     pytest.param("attention_transfer", {"alpha": 0.9}, marks=pytest.mark.slow),
-    ("fsp", {}),
+    pytest.param("fsp", {}, marks=pytest.mark.slow),
     ("fitnets_hint", {}),
-    ("fitnets_kd", {"lambda_decay_fraction": 0.5}),
-    ("fitnets_one_stage", {}),
+    pytest.param("fitnets_kd", {"lambda_decay_fraction": 0.5}, marks=pytest.mark.slow),
+    pytest.param("fitnets_one_stage", {}, marks=pytest.mark.slow),
 ])
 def test_each_stage_step_on_eight_devices_equals_one_device(method, loss):
   one = one_step(method, loss, parallel.make_mesh(jax.devices()[:1]))

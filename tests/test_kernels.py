@@ -39,7 +39,8 @@ def _logits(model, variables, train):
   return f
 
 
-@pytest.mark.parametrize("train", [False, True])
+# eval mode (batch statistics fixed) is the slower compile and the narrower case: in the slow run
+@pytest.mark.parametrize("train", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_forward_mode_autodiff_on_the_accelerator_path_agrees_with_reverse_mode_on_the_fast_path(train):
   model, variables, x = _net_and_input()
   v = jax.random.normal(jax.random.key(2), x.shape)
@@ -177,6 +178,7 @@ def test_the_default_user_path_one_cpu_device_with_onednn_trains_and_resumes_bit
     assert recorded["convolution"].startswith("oneDNN 3.")
 
 
+@pytest.mark.slow  # two short runs, ~26 s: the default run keeps the same-kernels resume test above
 def test_a_run_resumed_on_other_kernels_continues_and_says_so(tmp_path, caplog):
   config = _conv_config(num_steps=4)
   with pytest.raises(StopTraining):

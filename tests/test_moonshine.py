@@ -1,6 +1,7 @@
 """Moonshine: cheap blocks (parameter counts, G(1) = 3×3 + 1×1, groups vs channels per group), MAC counts,
 the AT loss scaling and old-style KD, and short runs of the small and full configs."""
 
+import json
 import math
 
 import jax
@@ -352,3 +353,28 @@ def test_full_config_smoke(tmp_path):
   c.teacher_workdir = str(tmp_path / "t")
   result = ktrain.train_and_evaluate(c, str(tmp_path / "s"), progress=False)
   assert result["steps"] == 2 and np.isfinite(result["train"]["loss"])
+
+
+def test_pareto_script_joins_both_protocols_and_reads_the_shared_teacher_once(tmp_path):
+  """``papers/moonshine/pareto.py run_a run_b``: per-variant test errors (mean ± sample std over seeds), the
+  teacher that both runs trained read from the first run only, parameters from the registered models."""
+  from kdjax.config import load_module, papers_dir
+  pareto = load_module(papers_dir() / "moonshine" / "pareto.py")
+  accuracies = {("a", "teacher"): (0.96, 0.94), ("a", "dw_scratch"): (0.90, 0.88),
+                ("b", "teacher"): (0.0, 0.0), ("b", "g2_at"): (0.95,)}
+  for (run, variant), per_seed in accuracies.items():
+    for seed, accuracy in enumerate(per_seed):
+      stage = tmp_path / run / f"seed_{seed}" / variant
+      stage.mkdir(parents=True)
+      (stage / "results.json").write_text(json.dumps({"test_accuracy": accuracy}))
+  out = tmp_path / "out"
+  assert pareto.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+  rows = {row["variant"]: row for row in json.loads((out / "pareto.json").read_text())}
+  assert set(rows) == {"teacher", "dw_scratch", "g2_at"}
+  assert rows["teacher"]["seeds"] == 2 and rows["teacher"]["error_mean"] == pytest.approx(0.05)
+  assert rows["teacher"]["error_std"] == pytest.approx(math.sqrt(2) * 0.01)
+  assert rows["g2_at"]["seeds"] == 1 and rows["g2_at"]["error_std"] == 0.0
+  assert rows["teacher"]["params"] == 77_562 and rows["dw_scratch"]["params"] == 13_962
+  assert rows["dw_scratch"]["params"] < rows["g2_at"]["params"] < rows["teacher"]["params"]
+  assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| dw_scratch | wrn_10_1_dw | 13,962 |" in (out / "pareto.md").read_text()

@@ -10,6 +10,7 @@ the JAX/XLA versions, so a hit runs the very executable a miss would have built:
 ``kdjax reproduce`` turns it on in ``<workdir>/compilation_cache`` unless told otherwise; ``kdjax train``
 only when asked. ``--compilation-cache DIR`` (or the ``KDJAX_COMPILATION_CACHE`` environment variable) names a
 directory to share between runs; ``off`` turns it off (even one JAX's own ``JAX_COMPILATION_CACHE_DIR`` set).
+The cache holds executable code that the process runs: keep it in a directory only its user can write.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def enable(directory: str) -> str:
   path = os.path.abspath(os.path.expanduser(directory))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"the compilation cache must be a directory; {path!r} is a file "
-                             f"(give another with --compilation-cache DIR, or --compilation-cache off)")
+                     f"(give another with --compilation-cache DIR, or --compilation-cache off)")
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -139,7 +139,8 @@ def use_compilation_cache(flag: str | None, default: str | None) -> None:
 
 
 def cmd_reproduce(args, overrides) -> None:
-  from kdjax.reproduce import default_workdir, run_protocol
+  from kdjax.reproduce import default_workdir, load_paper, protocol_variants, run_protocol
+  protocol_variants(load_paper(args.paper), args.protocol)  # a misspelt paper or protocol creates no directory
   use_compilation_cache(args.compilation_cache, os.path.join(
       args.workdir or default_workdir(args.paper, protocol=args.protocol, full=args.full), "compilation_cache"))
   run_protocol(args.paper, seeds=args.seeds, workdir=args.workdir, full=args.full, dataset=args.dataset,

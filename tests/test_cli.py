@@ -28,7 +28,8 @@ def test_list_methods_shows_every_registered_method(capsys):
     assert f"  {name} " in out
 
 
-@pytest.mark.parametrize("paper, seeds", [pytest.param("soft_targets", 2, marks=pytest.mark.slow), ("mimic", 1)])
+@pytest.mark.parametrize("paper, seeds", [pytest.param("soft_targets", 2, marks=pytest.mark.slow),
+                                          pytest.param("mimic", 1, marks=pytest.mark.slow)])
 def test_reproduce_smoke_writes_table_json_and_chart(tmp_path, capsys, paper, seeds):
   workdir = tmp_path / paper
   assert main(["reproduce", paper, "--seeds", str(seeds), "--workdir", str(workdir), *TINY]) == 0
@@ -107,3 +108,12 @@ def test_tensorboard_event_files_when_tensorboardx_is_installed(tmp_path):
   assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_a_misspelt_paper_creates_no_compilation_cache_directory(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delenv("KDJAX_COMPILATION_CACHE", raising=False)  # conftest points it at the test run's cache
+  assert main(["reproduce", "no_paper"]) == 2
+  assert main(["reproduce", "mimic", "--protocol", "no_protocol"]) == 2
+  assert "unknown protocol" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []

@@ -220,6 +220,7 @@ def test_reconstruction_lowers_its_objective(tmp_path, teacher_dir, metadata_dir
   assert (tmp_path / df.RECONSTRUCTED_PNG).stat().st_size > 1000
 
 
+@pytest.mark.slow  # ~15 s; the default run keeps the killed-and-resumed reconstruction
 def test_reconstruction_on_eight_devices_equals_one_device(tmp_path, teacher_dir, metadata_dir):
   config = reconstruct_config(teacher_dir, metadata_dir, "all_layers_spectral", n=8)
   one = train.train_and_evaluate(config, str(tmp_path / "one"), progress=False, mesh=one_device())

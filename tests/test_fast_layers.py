@@ -104,8 +104,9 @@ CONV_CASES = [
     (4, 6, 8, 1, 2, "VALID"),            # 1x1 projection, stride 2
     (4, 6, 8, 1, 1, "VALID"),            # 1x1, stride 1
     (4, 6, 7, 1, 2, "VALID"),            # 1x1 stride 2 on an odd size (the last row/column is skipped)
-    (4, 6, 7, 3, 2, ((1, 1), (1, 1))),   # odd size: XLA's own gradient
-    (4, 6, 8, 3, 1, "SAME"),             # stride 1: XLA's own gradient
+    # the fall-through cases (XLA's own gradient) in the slow run
+    pytest.param((4, 6, 7, 3, 2, ((1, 1), (1, 1))), marks=pytest.mark.slow),   # odd size
+    pytest.param((4, 6, 8, 3, 1, "SAME"), marks=pytest.mark.slow),             # stride 1
 ]
 
 

@@ -118,6 +118,7 @@ def _nets(classes=5):
   return student_zoo, student, teacher, sv, tv, x
 
 
+@pytest.mark.slow  # ~26 s; the default run checks the exported student is small_cnn's tree (selection_then_kp)
 def test_injectable_student_is_small_cnn():
   zoo, student, _, sv, _, x = _nets()
   zoo_vars = jax.eval_shape(zoo.init, jax.random.PRNGKey(0), x)
@@ -300,6 +301,7 @@ def test_full_config_smoke(tmp_path):
   assert result["extra"]["teacher_layer"] in ("stage1", "stage2", "stage3")
 
 
+@pytest.mark.slow  # ~13 s, an edge case of the teacher check
 def test_a_teacher_of_a_source_task_with_another_class_count_is_accepted(teacher_dir, tmp_path):
   # KP reads only the teacher's features (StageProgram.teacher_features_only): a 5-class source-task teacher
   # guides a 3-class target student; a logit-based method is still refused that teacher.

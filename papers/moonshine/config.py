@@ -22,7 +22,8 @@ Teacher: WRN-10-k (one pre-activation block per group, widths 16k/32k/64k; ``wrn
   term (cross-entropy masked to labelled rows).
 
 The protocol (``PROTOCOL``) runs the teacher, G(4) and depthwise; ``--protocol more_blocks`` the teacher, G(2) and
-BG(2,4) (two commands of ≤ 15 minutes each on 2 CPU cores — 13 and 11 measured — rather than one of ~24); B(2) is configured only.
+BG(2,4) (two commands of ≤ 15 minutes each on 2 CPU cores — 13 and 11 measured — rather than one of ~24); B(2)
+is configured only.
 
 Full scale (``,full``): the paper's CIFAR-10 setting on TFDS ``cifar10``: teacher WRN-40-2, students
 ``wrn_40_2_<block>``; teacher and students both with the official ``main.py`` defaults, which are the
